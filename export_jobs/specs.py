@@ -1,0 +1,121 @@
+"""One small declarative class per architecture: what goes in, what comes out, how close it must be.
+
+Adding a model family is adding a class here and registering it, not an ``if model_type`` branch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .config import Task
+
+BATCH, SEQUENCE, PAST, TOTAL = "batch", "sequence", "past_sequence", "total_sequence"
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    family: ClassVar[str]
+    task: ClassVar[Task]
+    model_types: ClassVar[tuple[str, ...]]
+    tolerance: float = 1e-4
+
+
+@dataclass(frozen=True)
+class EncoderSpec(ExportSpec):
+    """Token ids in; hidden states (plain) or one pooled vector (sentence) out."""
+
+    task: ClassVar[Task] = Task.embedding
+    inputs: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
+
+    def dynamic_shapes(self) -> dict[str, dict[int, str]]:
+        return {name: {0: BATCH, 1: SEQUENCE} for name in self.inputs}
+
+
+@dataclass(frozen=True)
+class BertSpec(EncoderSpec):
+    family: ClassVar[str] = "bert"
+    model_types: ClassVar[tuple[str, ...]] = ("bert", "electra")
+
+
+@dataclass(frozen=True)
+class RobertaSpec(EncoderSpec):
+    """Encoders whose tokenizer gives no token_type_ids."""
+
+    family: ClassVar[str] = "roberta"
+    model_types: ClassVar[tuple[str, ...]] = ("roberta", "xlm-roberta", "camembert", "mpnet", "distilbert")
+    inputs: tuple[str, ...] = ("input_ids", "attention_mask")
+
+
+@dataclass(frozen=True)
+class DecoderSpec(ExportSpec):
+    """Causal LM with KV cache: one graph for prefill (empty past) and decode steps."""
+
+    task: ClassVar[Task] = Task.generation
+    tolerance: float = 1e-3
+    greedy_tokens: int = 16
+    inputs: tuple[str, ...] = ("input_ids", "attention_mask", "position_ids")
+    cache_inputs: str = "past_key_values.{i}.{kind}"
+    cache_outputs: str = "present.{i}.{kind}"
+
+
+@dataclass(frozen=True)
+class GPTNeoSpec(DecoderSpec):
+    family: ClassVar[str] = "gpt-neo"
+    model_types: ClassVar[tuple[str, ...]] = ("gpt_neo",)
+
+
+@dataclass(frozen=True)
+class GPT2Spec(DecoderSpec):
+    family: ClassVar[str] = "gpt2"
+    model_types: ClassVar[tuple[str, ...]] = ("gpt2",)
+
+
+@dataclass(frozen=True)
+class LlamaSpec(DecoderSpec):
+    family: ClassVar[str] = "llama"
+    model_types: ClassVar[tuple[str, ...]] = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class TfStringSpec(ExportSpec):
+    """TensorFlow SavedModel taking raw strings (tokenizer inside the graph)."""
+
+    family: ClassVar[str] = "tf-string-encoder"
+    task: ClassVar[Task] = Task.embedding
+    model_types: ClassVar[tuple[str, ...]] = ("tf-savedmodel",)
+    tolerance: float = 1e-5
+    opset: int = 17
+
+
+_REGISTRY: dict[tuple[Task, str], ExportSpec] = {}
+
+
+def register(spec: ExportSpec) -> ExportSpec:
+    for model_type in spec.model_types:
+        _REGISTRY[(spec.task, model_type)] = spec
+    return spec
+
+
+for _spec in (BertSpec(), RobertaSpec(), GPTNeoSpec(), GPT2Spec(), LlamaSpec(), TfStringSpec()):
+    register(_spec)
+
+
+def spec_for(task: Task, model_type: str) -> ExportSpec:
+    try:
+        return _REGISTRY[(task, model_type)]
+    except KeyError:
+        known = sorted(t for k, t in _REGISTRY if k == task)
+        raise UnsupportedModelError(
+            f"no {task.value} export spec for model type {model_type!r}; known: {known}"
+        ) from None
+
+
+def known_model_types() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for task, model_type in _REGISTRY:
+        out.setdefault(task.value, []).append(model_type)
+    return out
