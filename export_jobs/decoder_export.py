@@ -1,0 +1,300 @@
+"""Causal LM -> one ONNX decoder graph with a KV cache (prefill and decode alike).
+
+Inputs:  input_ids [b, s] int64, attention_mask [b, past+s] int64, position_ids [b, s] int64,
+         past_key_values.{i}.key / .value [b, kv_heads, past, head_dim]
+Outputs: logits [b, s, vocab], present.{i}.key / .value [b, kv_heads, past+s, head_dim]
+
+A prefill is a call with past length 0. The graph is traced through a small wrapper that
+rebuilds a transformers `DynamicCache` from the flat past tensors, so the model's own
+attention and masking code (sliding windows, GQA, RoPE) is what gets exported.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import torch
+from transformers import DynamicCache
+
+TWO_GB = 2**31
+INFO_FILE = "decoder_info.json"
+
+
+class Exporter(enum.Enum):
+    DYNAMO = "dynamo"  # torch.onnx.export(dynamo=True)
+    TORCHSCRIPT = "torchscript"  # torch.onnx.export(dynamo=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderExportInfo:
+    model_type: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    opset: int
+    dtype: str  # numpy name of the KV cache / logits dtype: "float32" or "float16"
+    exporter: str
+    external_data: bool
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / INFO_FILE
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "DecoderExportInfo":
+        raw = json.loads((Path(directory) / INFO_FILE).read_text())
+        for key in ("eos_token_ids", "input_names", "output_names"):
+            raw[key] = tuple(raw[key])
+        return cls(**raw)
+
+
+# --- one small class per architecture ----------------------------------------------------
+
+
+class DecoderSpec:
+    """How to read the KV cache geometry from a config. LLaMA-style attribute names."""
+
+    model_types: tuple[str, ...] = ()
+
+    def num_layers(self, config) -> int:
+        return config.num_hidden_layers
+
+    def num_kv_heads(self, config) -> int:
+        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+    def head_dim(self, config) -> int:
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class LlamaSpec(DecoderSpec):
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
+
+
+class GPT2Spec(DecoderSpec):
+    model_types = ("gpt2",)
+
+    def num_layers(self, config) -> int:
+        return config.n_layer
+
+    def num_kv_heads(self, config) -> int:
+        return config.n_head
+
+    def head_dim(self, config) -> int:
+        return config.n_embd // config.n_head
+
+
+class GPTNeoSpec(DecoderSpec):
+    model_types = ("gpt_neo",)
+
+    def num_layers(self, config) -> int:
+        return config.num_layers
+
+    def num_kv_heads(self, config) -> int:
+        return config.num_heads
+
+    def head_dim(self, config) -> int:
+        return config.hidden_size // config.num_heads
+
+
+SPECS: dict[str, DecoderSpec] = {
+    t: spec() for spec in (LlamaSpec, GPT2Spec, GPTNeoSpec) for t in spec.model_types
+}
+
+
+def spec_for(config) -> DecoderSpec:
+    try:
+        return SPECS[config.model_type]
+    except KeyError:
+        raise ValueError(
+            f"no decoder export spec for model_type {config.model_type!r}; known: {sorted(SPECS)}"
+        ) from None
+
+
+def io_names(num_layers: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return ("input_ids", "attention_mask", "position_ids", *past), ("logits", *present)
+
+
+# --- the traced wrapper ------------------------------------------------------------------
+
+
+class _FlatCacheDecoder(torch.nn.Module):
+    """Flat tensors in, flat tensors out: what an ONNX graph can carry."""
+
+    def __init__(self, model, num_layers: int):
+        super().__init__()
+        self.model = model
+        self.num_layers = num_layers
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        cache = DynamicCache()
+        for i in range(self.num_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            return_dict=True,
+        )
+        present = []
+        for i in range(self.num_layers):
+            layer = out.past_key_values.layers[i]
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def _example_inputs(model, num_layers, kv_heads, head_dim, batch=2, seq=3, past=4):
+    # sizes > 1 so that the dynamo exporter does not specialise a dynamic axis to 0 or 1
+    device, dtype = model.device, model.dtype
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, seq), dtype=torch.int64, device=device)
+    mask = torch.ones(batch, past + seq, dtype=torch.int64, device=device)
+    pos = torch.arange(past, past + seq, dtype=torch.int64, device=device).expand(batch, seq)
+    kv = [
+        torch.randn(batch, kv_heads, past, head_dim, dtype=dtype, device=device)
+        for _ in range(2 * num_layers)
+    ]
+    return (ids, mask, pos.contiguous(), *kv)
+
+
+def _dynamic_axes(input_names, output_names):
+    axes = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total_sequence"},
+        "position_ids": {0: "batch", 1: "sequence"},
+        "logits": {0: "batch", 1: "sequence"},
+    }
+    for name in input_names[3:]:
+        axes[name] = {0: "batch", 2: "past_sequence"}
+    for name in output_names[1:]:
+        axes[name] = {0: "batch", 2: "total_sequence"}
+    return axes
+
+
+def _dynamic_shapes(num_layers):
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    seq = torch.export.Dim("sequence", min=1, max=131072)
+    past = torch.export.Dim("past_sequence", min=0, max=131072)
+    total = torch.export.Dim("total_sequence", min=1, max=2 * 131072)
+    kv = {0: batch, 2: past}
+    return (
+        {0: batch, 1: seq},
+        {0: batch, 1: total},
+        {0: batch, 1: seq},
+        tuple(kv for _ in range(2 * num_layers)),  # the *past varargs, as one group
+    )
+
+
+def _export_raw(wrapper, args, path: Path, exporter: Exporter, opset, input_names, output_names):
+    """Write the exporter's own output to `path` (possibly with scattered external data)."""
+    if exporter is Exporter.DYNAMO:
+        program = torch.onnx.export(
+            wrapper,
+            args,
+            dynamic_shapes=_dynamic_shapes(wrapper.num_layers),
+            input_names=list(input_names),
+            output_names=list(output_names),
+            opset_version=opset,
+            dynamo=True,
+            optimize=True,
+            verify=False,
+        )
+        program.save(str(path), external_data=True)
+    else:
+        torch.onnx.export(
+            wrapper,
+            args,
+            str(path),
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_axes=_dynamic_axes(input_names, output_names),
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+
+
+def _check_io(model_proto, input_names, output_names):
+    got_in = tuple(i.name for i in model_proto.graph.input)
+    got_out = tuple(o.name for o in model_proto.graph.output)
+    if got_in != tuple(input_names) or got_out != tuple(output_names):
+        raise RuntimeError(f"exported graph io mismatch: inputs {got_in[:4]}..., outputs {got_out[:3]}...")
+
+
+def _eos_ids(model) -> tuple[int, ...]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = model.config.eos_token_id
+    if eos is None:
+        return ()
+    return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+
+
+def export_decoder(
+    model,
+    out_path: str | Path,
+    opset: int = 18,
+    exporter: Exporter = Exporter.DYNAMO,
+    external_data: bool | None = None,
+) -> DecoderExportInfo:
+    """Export `model` (a transformers causal LM in eval mode) to `out_path` (.onnx).
+
+    external_data: None decides by parameter size (> 2 GB uses it); the weights then go to
+    one file `<out_path name>.data` beside the graph. Writes decoder_info.json beside it too.
+    """
+    config = model.config
+    spec = spec_for(config)
+    num_layers, kv_heads, head_dim = spec.num_layers(config), spec.num_kv_heads(config), spec.head_dim(config)
+    input_names, output_names = io_names(num_layers)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if external_data is None:
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        external_data = size > TWO_GB - 256 * 2**20  # leave room for the graph itself
+
+    wrapper = _FlatCacheDecoder(model, num_layers).eval()
+    args = _example_inputs(model, num_layers, kv_heads, head_dim)
+    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp, torch.no_grad():
+        raw = Path(tmp) / "raw.onnx"
+        _export_raw(wrapper, args, raw, exporter, opset, input_names, output_names)
+        proto = onnx.load(str(raw), load_external_data=True)
+        _check_io(proto, input_names, output_names)
+        data_name = out_path.name + ".data"
+        for stale in (out_path, out_path.parent / data_name):
+            stale.unlink(missing_ok=True)
+        if external_data:
+            onnx.save_model(
+                proto, str(out_path), save_as_external_data=True,
+                all_tensors_to_one_file=True, location=data_name, size_threshold=1024,
+            )
+        else:
+            onnx.save_model(proto, str(out_path))
+    info = DecoderExportInfo(
+        model_type=config.model_type,
+        num_layers=num_layers,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=config.vocab_size,
+        eos_token_ids=_eos_ids(model),
+        input_names=input_names,
+        output_names=output_names,
+        opset=opset,
+        dtype=str(model.dtype).removeprefix("torch."),
+        exporter=exporter.value,
+        external_data=bool(external_data),
+    )
+    info.save(out_path.parent)
+    return info

@@ -1,0 +1,113 @@
+"""Build the composed Ray Serve application from a models file and its manifest."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+from ray import serve
+from ray.serve import Application
+
+from export_jobs import manifest
+from export_jobs.config import ModelConfig, Task
+
+from .settings import AppConfig, load_app_config
+
+logger = logging.getLogger("serve_app")
+
+
+class AppArgs(BaseModel):
+    """Arguments of ``serve run serve_app:graph [config=models.yaml] [artifacts=DIR] [export=false]``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: str | None = None
+    artifacts: str | None = None
+    export: bool = True
+
+
+class MissingArtifactError(RuntimeError):
+    pass
+
+
+def ensure_artifacts(app_config: AppConfig, export: bool) -> dict[str, manifest.ManifestEntry]:
+    """Export (as Ray tasks) whatever the manifest lacks; refuse to serve anything that failed."""
+    from export_jobs.job import is_current
+
+    project = app_config.project
+    stale = [m.id for m in project.models if not is_current(m, project.artifacts)]
+    if stale and export:
+        import ray
+
+        from export_jobs import export_models
+
+        if not ray.is_initialized():
+            ray.init(namespace="serve")
+        results = export_models(project, only=stale)
+        failed = [f"{r.id}: {r.error}" for r in results if r.status == "failed"]
+        if failed:
+            raise MissingArtifactError("exports failed their checks, not serving: " + "; ".join(failed))
+    entries = manifest.load(project.artifacts)
+    missing = [m.id for m in project.models if m.id not in entries]
+    if missing:
+        raise MissingArtifactError(f"no checked artifact for {missing}; run `python -m export_jobs`")
+    return entries
+
+
+def _card(entry: manifest.ManifestEntry) -> dict[str, Any]:
+    return {"id": entry.id, "created": int(entry.created_at), "task": entry.task, "dim": entry.dim,
+            "max_length": entry.max_length, "family": entry.family,
+            "parity_max_abs_diff": entry.parity.max_abs_diff}
+
+
+def deployment_options(cfg: ModelConfig, name: str) -> dict[str, Any]:
+    s = cfg.serving
+    options: dict[str, Any] = {
+        "name": name,
+        "ray_actor_options": {"num_gpus": s.num_gpus, "num_cpus": s.num_cpus},
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "max_queued_requests": s.max_queued_requests,
+        "user_config": {"max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s},
+        "health_check_period_s": 10,
+    }
+    if s.num_replicas == "auto":
+        options["autoscaling_config"] = {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+                                         "target_ongoing_requests": max(2, s.max_batch_size)}
+    else:
+        options["num_replicas"] = s.num_replicas
+    return options
+
+
+def build(app_config: AppConfig, entries: dict[str, manifest.ManifestEntry]) -> Application:
+    from .deployments.embedder import Embedder
+    from .deployments.ingress import Ingress
+
+    root = str(Path(app_config.project.artifacts).resolve())
+    embedders, generators, cards = {}, {}, []
+    for cfg in app_config.project.models:
+        entry = entries[cfg.id]
+        cards.append(_card(entry))
+        if cfg.task is Task.embedding:
+            opts = deployment_options(cfg, f"embed-{cfg.id}")
+            embedders[cfg.id] = Embedder.options(**opts).bind(
+                entry.model_dump(mode="json"), root, cfg.truncate, cfg.serving.num_cpus)
+        else:
+            from .deployments.generator import Generator
+
+            opts = deployment_options(cfg, f"generate-{cfg.id}")
+            generators[cfg.id] = Generator.options(**opts).bind(entry.model_dump(mode="json"), root,
+                                                               cfg.serving.num_cpus)
+    server = app_config.server
+    ingress = Ingress.options(max_ongoing_requests=server.max_ongoing_requests,
+                              max_queued_requests=server.max_queued_requests)
+    return ingress.bind(embedders, cards, server.model_dump(mode="json"), generators)
+
+
+def graph(args: AppArgs) -> Application:
+    """Ray Serve application builder: ``serve run serve_app:graph``."""
+    if isinstance(args, dict):  # called directly from Python
+        args = AppArgs.model_validate(args)
+    app_config = load_app_config(args.config, args.artifacts)
+    entries = ensure_artifacts(app_config, args.export)
+    return build(app_config, entries)

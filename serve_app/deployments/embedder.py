@@ -1,0 +1,63 @@
+"""Embedding deployment: one ONNX Runtime session per replica, dynamic batching of small requests.
+
+Each request is tokenized and checked before it joins a batch, so a bad request fails alone.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Any
+
+import numpy as np
+import ray
+from ray import serve
+
+from export_jobs import manifest
+
+from ..runtime import EncoderSession, Prepared
+
+MAX_ROWS_PER_RUN = 64
+
+
+@serve.deployment(name="Embedder")
+class Embedder:
+    def __init__(self, entry: dict[str, Any], root: str, truncate: bool = False, num_cpus: float = 1.0):
+        parsed = manifest.ManifestEntry.model_validate(entry)
+        manifest.verify(root, parsed)  # never serve files that differ from what passed the gate
+        use_gpu = bool(ray.get_gpu_ids())
+        self.session = EncoderSession(parsed, root, truncate=truncate, use_gpu=use_gpu, threads=int(max(1, num_cpus)))
+        self.model_id = parsed.id
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)
+        self.max_rows = MAX_ROWS_PER_RUN
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Batch settings change at run time (``serve deploy`` with a new user_config, no restart)."""
+        if "max_batch_size" in user_config:
+            self._batched.set_max_batch_size(int(user_config["max_batch_size"]))
+        if "batch_wait_timeout_s" in user_config:
+            self._batched.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+        self.max_rows = int(user_config.get("max_rows_per_run", self.max_rows))
+
+    async def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        prepared = self.session.prepare(texts)  # raises InputTooLong before batching
+        vectors = await self._batched(prepared)
+        return vectors, sum(p.tokens for p in prepared)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _batched(self, requests: list[list[Prepared]]) -> list[np.ndarray]:
+        self.batch_sizes.append(len(requests))
+        rows = [item for request in requests for item in request]
+        vectors = await asyncio.to_thread(self.session.run_sorted, rows, self.max_rows)
+        bounds = np.cumsum([0] + [len(r) for r in requests])
+        return [vectors[bounds[i] : bounds[i + 1]] for i in range(len(requests))]
+
+    def batch_stats(self) -> list[int]:
+        """Requests per executed batch, most recent last (for tests and tuning)."""
+        return list(self.batch_sizes)
+
+    def info(self) -> dict[str, Any]:
+        return {"id": self.model_id, "dim": self.session.dim, "max_length": self.session.max_length}
+
+    def check_health(self) -> None:
+        if self.session.session is None:
+            raise RuntimeError("session not loaded")

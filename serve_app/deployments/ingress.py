@@ -1,0 +1,109 @@
+"""The HTTP ingress: owns the routes, validates requests, sends each to its model's deployment."""
+
+import asyncio
+import base64
+from typing import Any, Optional
+
+import numpy as np
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from .. import errors
+from ..errors import InvalidRequest, ModelNotFound, NotReady
+from ..http_guards import GuardMiddleware
+from ..schemas import EmbeddingRequest, EmbeddingResponse, Health, ModelCard, ModelList
+from ..settings import ServerSettings
+
+api = FastAPI(title="onnx-serve", version="0.1.0",
+              description="OpenAI-shaped HTTP API over ONNX Runtime models served by Ray Serve.")
+errors.install(api)
+
+
+def _encode(vector: np.ndarray, fmt: str) -> list[float] | str:
+    if fmt == "base64":
+        return base64.b64encode(np.ascontiguousarray(vector, "<f4").tobytes()).decode()
+    return vector.tolist()
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, embedders: dict[str, DeploymentHandle], cards: list[dict[str, Any]],
+                 settings: dict[str, Any], generators: Optional[dict[str, DeploymentHandle]] = None):
+        self.embedders, self.generators = embedders, generators or {}
+        self.cards = {card["id"]: ModelCard.model_validate(card) for card in cards}
+        self.settings = ServerSettings.model_validate(settings)
+        api.add_middleware(GuardMiddleware, max_body_bytes=self.settings.max_body_bytes,
+                           api_keys=self.settings.api_keys)
+
+    def _handle(self, table: dict[str, DeploymentHandle], model: str, task: str) -> DeploymentHandle:
+        if model not in table:
+            known = sorted(table)
+            raise ModelNotFound(f"model {model!r} is not a served {task} model; available: {known}", "model")
+        return table[model]
+
+    async def _call(self, coro):
+        try:
+            return await asyncio.wait_for(coro, self.settings.request_timeout_s)
+        except Exception as exc:
+            mapped = errors.translate(exc)
+            if mapped is None:
+                raise
+            raise mapped from None
+
+    def _check_texts(self, texts: list[str], field: str) -> None:
+        limit = self.settings.max_inputs_per_request
+        if not texts:
+            raise InvalidRequest(f"{field} must not be empty", field)
+        if len(texts) > limit:
+            raise InvalidRequest(f"{field} has {len(texts)} items; at most {limit} per request", field)
+        for i, text in enumerate(texts):
+            where = f"{field}[{i}]" if len(texts) > 1 else field
+            if not text:
+                raise InvalidRequest(f"{where} is an empty string", where)
+            if len(text) > self.settings.max_input_chars:
+                raise InvalidRequest(f"{where} has {len(text)} characters; at most "
+                                     f"{self.settings.max_input_chars}", where)
+
+    @api.post("/v1/embeddings", response_model=EmbeddingResponse)
+    async def embeddings(self, request: EmbeddingRequest) -> JSONResponse:
+        handle = self._handle(self.embedders, request.model, "embedding")
+        texts = request.texts()
+        self._check_texts(texts, "input")
+        dim = self.cards[request.model].dim
+        if request.dimensions is not None and request.dimensions != dim:
+            raise InvalidRequest(f"dimensions must be {dim} for {request.model}", "dimensions")
+        vectors, tokens = await self._call(handle.embed.remote(texts))
+        data = [{"object": "embedding", "index": i, "embedding": _encode(v, request.encoding_format)}
+                for i, v in enumerate(vectors)]
+        return JSONResponse({"object": "list", "data": data, "model": request.model,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    @api.get("/v1/models", response_model=ModelList)
+    async def models(self) -> ModelList:
+        return ModelList(data=list(self.cards.values()))
+
+    @api.get("/health", response_model=Health)
+    async def health(self) -> Health:
+        """Liveness: the ingress answers."""
+        return Health(status="ok")
+
+    @api.get("/ready", response_model=Health, responses={503: {"description": "a model is not loaded"}})
+    async def ready(self) -> Health:
+        """Readiness: every configured model's replica answers."""
+        handles = {**self.embedders, **self.generators}
+        results = await asyncio.gather(*(self._ping(h) for h in handles.values()))
+        status = dict(zip(handles, results))
+        if not all(results):
+            raise NotReady(f"models not ready: {sorted(k for k, ok in status.items() if not ok)}")
+        return Health(status="ok", models=status)
+
+    @staticmethod
+    async def _ping(handle: DeploymentHandle) -> bool:
+        try:
+            await asyncio.wait_for(handle.info.remote(), 5.0)
+            return True
+        except Exception:
+            return False

@@ -1,0 +1,125 @@
+"""One error taxonomy, mapped to HTTP status in one place (the ingress installs these handlers).
+
+Bodies follow OpenAI's error shape: {"error": {"message", "type", "param", "code"}}. Unknown errors are
+a logged 500 whose body leaks no internals.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger("serve_app")
+
+
+class ServeError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = None
+    headers: dict[str, str] = {}
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message, param)
+        self.message, self.param = message, param
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidRequest(ServeError):
+    status, type, code = 400, "invalid_request_error", "invalid_request"
+
+
+class InputTooLong(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class ModelNotFound(ServeError):
+    status, type, code = 404, "invalid_request_error", "model_not_found"
+
+
+class Unauthorized(ServeError):
+    status, type, code = 401, "authentication_error", "invalid_api_key"
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class PayloadTooLarge(ServeError):
+    status, type, code = 413, "invalid_request_error", "payload_too_large"
+
+
+class Overloaded(ServeError):
+    status, type, code = 503, "overloaded_error", "overloaded"
+    headers = {"Retry-After": "1"}
+
+
+class RequestTimeout(ServeError):
+    status, type, code = 504, "timeout_error", "timeout"
+
+
+class NotReady(ServeError):
+    status, type, code = 503, "overloaded_error", "not_ready"
+    headers = {"Retry-After": "5"}
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def to_response(exc: ServeError) -> JSONResponse:
+    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), exc.status, headers=exc.headers)
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """Ray re-raises a replica's exception as RayTaskError(cause); serve the cause."""
+    return getattr(exc, "cause", None) if isinstance(getattr(exc, "cause", None), BaseException) else exc
+
+
+def translate(exc: BaseException) -> ServeError | None:
+    """Map errors that cross a deployment handle onto the taxonomy; None for unknown ones."""
+    from ray.serve.exceptions import BackPressureError
+
+    exc = unwrap(exc)
+    if isinstance(exc, ServeError):
+        return exc
+    if isinstance(exc, BackPressureError):
+        return Overloaded("the model is at capacity; retry shortly")
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return RequestTimeout("the request took longer than the server's limit")
+    return None
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid request")
+    return (f"{param}: {msg}" if param else msg), param
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ServeError)
+    async def _serve_error(_: Request, exc: ServeError) -> JSONResponse:
+        cause = unwrap(exc)
+        return to_response(cause if isinstance(cause, ServeError) else exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_request"), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", None, None), exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unknown(request: Request, exc: Exception) -> JSONResponse:
+        mapped = translate(exc)
+        if mapped is not None:
+            return to_response(mapped)
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("internal server error", "server_error", None, None), 500)

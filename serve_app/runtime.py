@@ -1,0 +1,112 @@
+"""ONNX Runtime session wrappers: prepare (tokenize, check) / run (session) / post-process (pool).
+
+No Ray and no HTTP in here, and never torch or TensorFlow.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from export_jobs.manifest import ManifestEntry
+
+from .errors import InputTooLong
+
+
+def providers(use_gpu: bool) -> list[str]:
+    """CUDA EP when the replica was given a GPU and this ONNX Runtime build has it; else CPU."""
+    available = ort.get_available_providers()
+    if use_gpu and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = max(1, threads or os.cpu_count() or 1)
+    opts.inter_op_num_threads = 1
+    return opts
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One text, tokenized and checked: ready to join a batch."""
+
+    ids: np.ndarray
+    type_ids: np.ndarray
+
+    @property
+    def tokens(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    weights = mask[..., None].astype(hidden.dtype)
+    return (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+
+
+class EncoderSession:
+    """A token-input encoder artifact: sentence mode (pooled in the graph) or plain (pooled here)."""
+
+    def __init__(self, entry: ManifestEntry, root: str | Path, *, truncate: bool = False,
+                 use_gpu: bool = False, threads: int | None = None):
+        meta = entry.metadata
+        directory = entry.dir_path(root)
+        self.model_id, self.dim, self.max_length, self.truncate = entry.id, entry.dim, entry.max_length, truncate
+        self.mode, self.normalize = meta["mode"], bool(meta.get("normalize"))
+        self.pad_id = int(meta.get("pad_token_id", 0))
+        self.tokenizer = Tokenizer.from_file(str(directory / meta["tokenizer"]))
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        self.session = ort.InferenceSession(str(entry.model_path(root)), session_options(threads),
+                                            providers=providers(use_gpu))
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def prepare(self, texts: list[str]) -> list[Prepared]:
+        """Tokenize; refuse (or truncate, if configured) texts over the model's token limit."""
+        out = []
+        for index, enc in enumerate(self.tokenizer.encode_batch(texts)):
+            ids, type_ids = np.asarray(enc.ids, np.int64), np.asarray(enc.type_ids, np.int64)
+            if self.max_length and len(ids) > self.max_length:
+                if not self.truncate:
+                    where = f"input[{index}]" if len(texts) > 1 else "input"
+                    raise InputTooLong(f"{where} has {len(ids)} tokens; {self.model_id} accepts at most "
+                                       f"{self.max_length}", param=where)
+                keep = self.max_length - 1  # keep the closing special token ([SEP] / </s>)
+                ids, type_ids = np.append(ids[:keep], ids[-1]), type_ids[: self.max_length]
+            out.append(Prepared(ids, type_ids))
+        return out
+
+    def run(self, items: list[Prepared]) -> np.ndarray:
+        """One padded batch through the session; returns float32 (len(items), dim)."""
+        width = max(item.tokens for item in items)
+        ids = np.full((len(items), width), self.pad_id, np.int64)
+        type_ids = np.zeros((len(items), width), np.int64)
+        mask = np.zeros((len(items), width), np.int64)
+        for row, item in enumerate(items):
+            ids[row, : item.tokens], type_ids[row, : item.tokens], mask[row, : item.tokens] = item.ids, item.type_ids, 1
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": type_ids}
+        first = self.session.run(None, {name: feeds[name] for name in self.input_names})[0]
+        if self.mode == "plain":
+            first = mean_pool(first, mask)
+            if self.normalize:
+                first = l2_normalize(first)
+        return np.asarray(first, np.float32)
+
+    def run_sorted(self, items: list[Prepared], max_rows: int) -> np.ndarray:
+        """Sort by length and run in chunks of ``max_rows``: less padding, bounded memory."""
+        order = sorted(range(len(items)), key=lambda i: items[i].tokens)
+        out = np.empty((len(items), self.dim or 0), np.float32)
+        for start in range(0, len(order), max_rows):
+            chunk = order[start : start + max_rows]
+            out[chunk] = self.run([items[i] for i in chunk])
+        return out
