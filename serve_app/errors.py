@@ -92,6 +92,13 @@ def translate(exc: BaseException) -> ServeError | None:
     return None
 
 
+def replica_died(exc: BaseException) -> bool:
+    """The replica serving the call went away (killed, crashed, node lost): the request is not at fault."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    return isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError))
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0] if exc.errors() else {}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]

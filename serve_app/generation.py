@@ -65,7 +65,8 @@ class DecoderSession:
     """An ORT session over one decoder graph plus its export info (a dict or the info file)."""
 
     def __init__(self, onnx_path: str | Path, info: dict | None = None, providers: Sequence | None = None,
-                 session_options: ort.SessionOptions | None = None):
+                 session_options: ort.SessionOptions | None = None, io_binding: bool | None = None):
+        """io_binding: None uses it on the CUDA EP only (True also works on CPU, for tests)."""
         onnx_path = Path(onnx_path)
         if info is None:
             info = json.loads((onnx_path.parent / INFO_FILE).read_text())
@@ -84,24 +85,25 @@ class DecoderSession:
             providers=list(providers or ["CPUExecutionProvider"]),
         )
         self.on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
+        self.io_binding = self.on_cuda if io_binding is None else io_binding
+        self._device = ("cuda", 0) if self.on_cuda else ("cpu", 0)
         self._past_names = self.input_names[3:]
         self._present_names = self.output_names[1:]
 
-    def empty_past(self, batch: int) -> list:
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        """Past of length 0, [b, kv_heads, 0, head_dim], as host arrays (nothing to keep on a device)."""
         shape = (batch, self.num_kv_heads, 0, self.head_dim)
-        if self.on_cuda:
-            return [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, "cuda", 0)
-                    for _ in self._past_names]
         return [np.zeros(shape, self.dtype) for _ in self._past_names]
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
              past: list) -> tuple[np.ndarray, list]:
         """One forward. Returns (logits [b, s, vocab] as numpy on the host, present KV).
 
-        On CUDA the KV cache stays on the device: `past` and the returned present are OrtValues.
+        On CUDA the KV cache stays on the device: the returned present values are OrtValues
+        there, and are bound as the next step's past without a copy.
         """
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        if not self.on_cuda:
+        if not self.io_binding:
             feeds.update(zip(self._past_names, past))
             logits, *present = self.session.run(None, feeds)
             return logits, present
@@ -109,10 +111,13 @@ class DecoderSession:
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.int64))
         for name, value in zip(self._past_names, past):
-            binding.bind_ortvalue_input(name, value)
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
         for name in self._present_names:
-            binding.bind_output(name, "cuda", 0)
+            binding.bind_output(name, *self._device)
         self.session.run_with_iobinding(binding)
         logits, *present = binding.get_outputs()
         return logits.numpy(), present

@@ -79,3 +79,13 @@ def ray_local():
         serve.shutdown()
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_local) -> str:
+    """Serve's HTTP proxy on a free loopback port, once per session (apps come and go per module)."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"

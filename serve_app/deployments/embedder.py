@@ -59,5 +59,7 @@ class Embedder:
         return {"id": self.model_id, "dim": self.session.dim, "max_length": self.session.max_length}
 
     def check_health(self) -> None:
-        if self.session.session is None:
-            raise RuntimeError("session not loaded")
+        """Ray calls this periodically; a replica whose session no longer runs is replaced."""
+        out = self.session.run(self.session.prepare(["ok"]))
+        if out.shape != (1, self.session.dim) or not np.isfinite(out).all():
+            raise RuntimeError("the ONNX session returned an invalid embedding")

@@ -6,14 +6,14 @@ from typing import Any, Optional
 
 import numpy as np
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from .. import errors
+from .. import errors, openai_format
 from ..errors import InvalidRequest, ModelNotFound, NotReady
 from ..http_guards import GuardMiddleware
-from ..schemas import EmbeddingRequest, EmbeddingResponse, Health, ModelCard, ModelList
+from ..schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, EmbeddingResponse, Health, ModelCard, ModelList
 from ..settings import ServerSettings
 
 api = FastAPI(title="onnx-serve", version="0.1.0",
@@ -44,14 +44,20 @@ class Ingress:
             raise ModelNotFound(f"model {model!r} is not a served {task} model; available: {known}", "model")
         return table[model]
 
-    async def _call(self, coro):
-        try:
-            return await asyncio.wait_for(coro, self.settings.request_timeout_s)
-        except Exception as exc:
-            mapped = errors.translate(exc)
-            if mapped is None:
-                raise
-            raise mapped from None
+    async def _call(self, make_call, *, retry: bool = False):
+        """Await a deployment call under the request timeout. ``retry``: a call that failed because its
+        replica died (not because of the request) is sent once more; only for idempotent work."""
+        attempts = 2 if retry else 1
+        for attempt in range(attempts):
+            try:
+                return await asyncio.wait_for(make_call(), self.settings.request_timeout_s)
+            except Exception as exc:
+                if attempt + 1 < attempts and errors.replica_died(exc):
+                    continue
+                mapped = errors.translate(exc)
+                if mapped is None:
+                    raise
+                raise mapped from None
 
     def _check_texts(self, texts: list[str], field: str) -> None:
         limit = self.settings.max_inputs_per_request
@@ -75,11 +81,46 @@ class Ingress:
         dim = self.cards[request.model].dim
         if request.dimensions is not None and request.dimensions != dim:
             raise InvalidRequest(f"dimensions must be {dim} for {request.model}", "dimensions")
-        vectors, tokens = await self._call(handle.embed.remote(texts))
+        vectors, tokens = await self._call(lambda: handle.embed.remote(texts), retry=True)
         data = [{"object": "embedding", "index": i, "embedding": _encode(v, request.encoding_format)}
                 for i, v in enumerate(vectors)]
         return JSONResponse({"object": "list", "data": data, "model": request.model,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    def _check_generation(self, max_tokens: int, stops: list[str]) -> None:
+        limit = self.settings.max_tokens_limit
+        if max_tokens > limit:
+            raise InvalidRequest(f"max_tokens is {max_tokens}; this server allows at most {limit}", "max_tokens")
+        if len(stops) > 4:
+            raise InvalidRequest("at most 4 stop strings", "stop")
+
+    async def _generate(self, model: str, stream: bool, chat: bool, prompts, messages, **params):
+        handle = self._handle(self.generators, model, "generation")
+        prepared = await self._call(lambda: handle.prepare.remote(prompts, messages, **params), retry=True)
+        if stream:
+            steps = handle.options(stream=True).stream.remote(prepared)
+            return StreamingResponse(openai_format.sse(model, steps, chat), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        result = await self._call(lambda: handle.complete.remote(prepared))
+        return JSONResponse(openai_format.completion(model, result, chat))
+
+    @api.post("/v1/completions", responses={200: {"description": "text_completion, or SSE chunks if stream"}})
+    async def completions(self, request: CompletionRequest):
+        prompts = request.prompts()
+        self._check_texts(prompts, "prompt")
+        self._check_generation(request.max_tokens, request.stops())
+        return await self._generate(request.model, request.stream, False, prompts, None,
+                                    max_tokens=request.max_tokens, temperature=request.temperature,
+                                    top_p=request.top_p, top_k=request.top_k, seed=request.seed, stop=request.stops())
+
+    @api.post("/v1/chat/completions", responses={200: {"description": "chat.completion, or SSE chunks if stream"}})
+    async def chat_completions(self, request: ChatCompletionRequest):
+        messages = [m.model_dump() for m in request.messages]
+        self._check_texts([m["content"] or " " for m in messages], "messages")
+        self._check_generation(request.token_budget(), request.stops())
+        return await self._generate(request.model, request.stream, True, None, messages,
+                                    max_tokens=request.token_budget(), temperature=request.temperature,
+                                    top_p=request.top_p, top_k=request.top_k, seed=request.seed, stop=request.stops())
 
     @api.get("/v1/models", response_model=ModelList)
     async def models(self) -> ModelList:

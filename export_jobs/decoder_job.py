@@ -1,0 +1,54 @@
+"""Export one causal LM with its KV cache and prove it: logits parity and greedy tokens vs transformers."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from .config import ModelConfig, Precision
+from .sources import ResolvedSource
+from .specs import DecoderSpec, spec_for
+from .validate import ExportError
+
+
+def load_decoder(resolved: ResolvedSource):
+    """(model, tokenizer) from a hub id, a local directory, or a package's GGUF file."""
+    from .decoder_sources import load_pretrained
+
+    kwargs = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
+    return load_pretrained(resolved.location, **kwargs)
+
+
+def export_decoder_model(cfg: ModelConfig, resolved: ResolvedSource, staging: Path) -> dict[str, Any]:
+    from .decoder_export import export_decoder
+    from .decoder_sources import save_tokenizer
+    from .decoder_validate import validate_decoder
+
+    if cfg.precision is not Precision.fp32:
+        raise ExportError(f"{cfg.id}: the CPU gate checks fp32 decoders; fp16 is a GPU bench option for now")
+    model, tokenizer = load_decoder(resolved)
+    spec = spec_for(cfg.task, model.config.model_type)
+    assert isinstance(spec, DecoderSpec)
+    info = export_decoder(model, staging / "model.onnx", opset=cfg.opset)
+    save_tokenizer(tokenizer, staging / "tokenizer")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (info.eos_token_ids or (0,))[0]
+    tolerance = cfg.tolerance or spec.tolerance
+    figures = validate_decoder(model, staging / "model.onnx", new_tokens=spec.greedy_tokens,
+                               tolerance=tolerance, pad_token_id=pad)
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
+    if cfg.max_length:
+        context = min(context, cfg.max_length)
+    worst = max(figures["prefill_max_abs_diff"], figures["decode_max_abs_diff"])
+    return {
+        "family": spec.family,
+        "max_length": int(context),
+        "parity": {"max_abs_diff": worst, "tolerance": tolerance, "cases": 2 + figures["decode_steps"],
+                   "details": {k: v for k, v in figures.items() if isinstance(v, (int, float, str))}},
+        "metadata": {
+            "decoder": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(info).items()},
+            "tokenizer": "tokenizer/tokenizer.json",
+            "pad_token_id": int(pad),
+            "add_special_tokens": True,
+            "model_type": model.config.model_type,
+        },
+    }

@@ -1,0 +1,62 @@
+"""Generation deployment: one ONNX Runtime decoder session per replica; streams text per decode step."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator
+
+import ray
+from ray import serve
+
+from export_jobs import manifest
+
+from ..textgen import Delta, Prepared, TextGenerator
+
+_DONE = object()
+
+
+@serve.deployment(name="Generator")
+class Generator:
+    def __init__(self, entry: dict[str, Any], root: str, num_cpus: float = 1.0):
+        parsed = manifest.ManifestEntry.model_validate(entry)
+        manifest.verify(root, parsed)
+        self.model_id = parsed.id
+        self.runtime = TextGenerator(parsed, root, use_gpu=bool(ray.get_gpu_ids()), threads=int(max(1, num_cpus)))
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Batch settings belong to embedders; generators accept and ignore them."""
+
+    def prepare(self, prompts: list[str] | None, messages: list[dict[str, str]] | None, **params) -> Prepared:
+        """Check a request (raises a 4xx-mapped error) before any decoding starts."""
+        if messages is not None:
+            prompts = [self.runtime.render_chat(messages)]
+            params.setdefault("add_special_tokens", False)  # the template already holds BOS
+        return self.runtime.prepare(prompts or [], **params)
+
+    async def stream(self, prepared: Prepared) -> AsyncIterator[list[Delta]]:
+        """Async generator: each decode step runs in a thread; a cancelled caller stops the loop."""
+        steps = self.runtime.steps(prepared)
+        try:
+            while (deltas := await asyncio.to_thread(next, steps, _DONE)) is not _DONE:
+                if deltas:
+                    yield deltas
+        finally:
+            steps.close()
+
+    async def complete(self, prepared: Prepared) -> dict[str, Any]:
+        texts = [""] * len(prepared.prompts)
+        reasons: list[str | None] = [None] * len(prepared.prompts)
+        tokens = 0
+        async for deltas in self.stream(prepared):
+            for d in deltas:
+                texts[d.index] += d.text
+                reasons[d.index] = d.finish_reason or reasons[d.index]
+                tokens += d.tokens
+        return {"texts": texts, "finish_reasons": reasons, "prompt_tokens": prepared.prompt_tokens,
+                "completion_tokens": tokens}
+
+    def info(self) -> dict[str, Any]:
+        return {"id": self.model_id, "context": self.runtime.context}
+
+    def check_health(self) -> None:
+        if self.runtime.session is None:
+            raise RuntimeError("session not loaded")

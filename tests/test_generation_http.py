@@ -1,0 +1,142 @@
+"""Completions over HTTP on a tiny real decoder: greedy text equals transformers', streaming equals
+non-streaming, chat through the model's template, each bad input a 4xx naming the field."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from export_jobs import manifest
+from export_jobs.config import ModelConfig, ProjectConfig
+from serve_app.app import build
+from serve_app.settings import AppConfig, ServerSettings
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+MODEL = "tiny-gpt2"
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from export_jobs.decoder_sources import gpt2_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny-gpt2")
+    torch.manual_seed(0)
+    tokenizer = gpt2_tokenizer(model_max_length=128)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = GPT2LMHeadModel(config).eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory, model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def server(serve_url, tiny_lm, tmp_path_factory):
+    from ray import serve
+
+    from export_jobs.job import export_one
+
+    root = tmp_path_factory.mktemp("art-gen")
+    cfg = ModelConfig(id=MODEL, source=str(tiny_lm[0]), task="generation")
+    manifest.commit(root, export_one(cfg, root))
+    app = build(AppConfig(project=ProjectConfig(artifacts=str(root), models=(cfg,)),
+                          server=ServerSettings(max_tokens_limit=64)), manifest.load(root))
+    serve.run(app, name="gen", route_prefix="/")
+    yield serve_url
+    serve.delete("gen")
+
+
+def _transformers_greedy(tiny_lm, prompt: str, n: int) -> str:
+    import torch
+
+    _, model, tokenizer = tiny_lm
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    if tokenizer.eos_token_id in new:
+        new = new[: new.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_greedy_completion_equals_transformers(server, tiny_lm):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key="unused")
+    prompt = "The capital of France is"
+    result = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+    assert result.choices[0].text == _transformers_greedy(tiny_lm, prompt, 24)
+    assert result.usage.completion_tokens == 24 and result.choices[0].finish_reason == "length"
+
+
+def test_streaming_equals_non_streaming(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key="unused")
+    kwargs = dict(model=MODEL, prompt="Once upon a time", max_tokens=20, temperature=0.8, seed=7)
+    whole = client.completions.create(**kwargs).choices[0].text
+    chunks = list(client.completions.create(stream=True, **kwargs))
+    assert "".join(c.choices[0].text for c in chunks) == whole
+    assert chunks[-1].choices[0].finish_reason == "length" and len(chunks) > 2
+
+
+def test_sse_wire_format_ends_with_done(server):
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 3, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[0][6:])["object"] == "text_completion"
+
+
+def test_chat_completion_uses_template_and_streams(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key="unused")
+    messages = [{"role": "user", "content": "Say hello"}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+    assert whole.choices[0].message.role == "assistant" and whole.object == "chat.completion"
+    streamed = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                              stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in streamed)
+    assert text == whole.choices[0].message.content
+
+
+def test_seeded_sampling_is_reproducible(server):
+    body = {"model": MODEL, "prompt": "Numbers:", "max_tokens": 12, "temperature": 1.0, "seed": 3}
+    a = httpx.post(f"{server}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    b = httpx.post(f"{server}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    assert a == b
+
+
+@pytest.mark.parametrize("patch,status,param", [
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": []}, 400, "prompt"),
+    ({"max_tokens": 0}, 400, "max_tokens"),
+    ({"max_tokens": -5}, 400, "max_tokens"),
+    ({"max_tokens": 65}, 400, "max_tokens"),
+    ({"temperature": -0.1}, 400, "temperature"),
+    ({"top_p": 0}, 400, "top_p"),
+    ({"n": 2}, 400, "n"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"model": "nope"}, 404, "model"),
+    ({"prompt": "word " * 130}, 400, "prompt"),
+    ({"prompt": "word " * 70, "max_tokens": 64}, 400, "prompt"),
+])
+def test_bad_completion_requests(server, patch, status, param):
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 4, **patch}
+    r = httpx.post(f"{server}/v1/completions", json=body, timeout=60)
+    assert r.status_code == status, r.text
+    assert (r.json()["error"]["param"] or "").startswith(param), r.text
+
+
+def test_embedding_route_refuses_a_generator(server):
+    r = httpx.post(f"{server}/v1/embeddings", json={"model": MODEL, "input": "x"})
+    assert r.status_code == 404 and "generation" not in r.json()["error"]["message"].split("available")[1]
