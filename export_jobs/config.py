@@ -42,7 +42,7 @@ class ServingOptions(BaseModel):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
     num_gpus: float = Field(0.0, ge=0.0, description="GPU share per replica; fractional allowed.")
-    num_cpus: float = Field(1.0, ge=0.0)
+    num_cpus: float = Field(0.5, ge=0.0, description="Logical CPUs reserved; ONNX Runtime threads = max(1, int).")
     max_batch_size: int = Field(32, ge=1, le=4096)
     batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=1.0)
     max_ongoing_requests: int = Field(256, ge=1)

@@ -22,6 +22,7 @@ class ServerSettings(BaseModel):
     api_keys: tuple[str, ...] = Field((), description="Bearer tokens accepted on /v1/*; empty: no auth.")
     max_ongoing_requests: int = Field(1024, ge=1)
     max_queued_requests: int = Field(2048, ge=-1)
+    num_cpus: float = Field(0.25, ge=0.0, description="Logical CPUs the ingress replica reserves.")
 
 
 class AppConfig(BaseModel):
