@@ -60,12 +60,12 @@ class Health(BaseModel):
     models: dict[str, bool] = Field(default_factory=dict)
 
 
-class CompletionRequest(BaseModel):
+class _Sampling(BaseModel):
+    """Fields shared by completions and chat completions."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: StrictStr = Field(min_length=1, max_length=128)
-    prompt: StrictStr | list[StrictStr]
-    max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
@@ -75,11 +75,20 @@ class CompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
     user: StrictStr | None = Field(None, max_length=256)
 
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
-
     def stops(self) -> list[str]:
         return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def sampling(self) -> dict:
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
+                "stop": self.stops()}
+
+
+class CompletionRequest(_Sampling):
+    prompt: StrictStr | list[StrictStr]
+    max_tokens: int = Field(16, ge=1)
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
 class ChatMessage(BaseModel):
@@ -89,24 +98,10 @@ class ChatMessage(BaseModel):
     content: StrictStr = Field(max_length=1_000_000)
 
 
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: StrictStr = Field(min_length=1, max_length=128)
+class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    stop: StrictStr | list[StrictStr] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
-    user: StrictStr | None = Field(None, max_length=256)
-
-    def stops(self) -> list[str]:
-        return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     def token_budget(self) -> int:
         return self.max_completion_tokens or self.max_tokens or 256

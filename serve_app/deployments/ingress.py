@@ -110,8 +110,7 @@ class Ingress:
         self._check_texts(prompts, "prompt")
         self._check_generation(request.max_tokens, request.stops())
         return await self._generate(request.model, request.stream, False, prompts, None,
-                                    max_tokens=request.max_tokens, temperature=request.temperature,
-                                    top_p=request.top_p, top_k=request.top_k, seed=request.seed, stop=request.stops())
+                                    max_tokens=request.max_tokens, **request.sampling())
 
     @api.post("/v1/chat/completions", responses={200: {"description": "chat.completion, or SSE chunks if stream"}})
     async def chat_completions(self, request: ChatCompletionRequest):
@@ -119,8 +118,7 @@ class Ingress:
         self._check_texts([m["content"] or " " for m in messages], "messages")
         self._check_generation(request.token_budget(), request.stops())
         return await self._generate(request.model, request.stream, True, None, messages,
-                                    max_tokens=request.token_budget(), temperature=request.temperature,
-                                    top_p=request.top_p, top_k=request.top_k, seed=request.seed, stop=request.stops())
+                                    max_tokens=request.token_budget(), **request.sampling())
 
     @api.get("/v1/models", response_model=ModelList)
     async def models(self) -> ModelList:
