@@ -50,6 +50,9 @@ def _export_task(cfg_json: dict, root: str) -> ExportResult:
 export_task = ray.remote(max_calls=1, max_retries=0)(_export_task)
 
 
+PROGRESS_EVERY_S = 15.0
+
+
 def _gpus_per_task() -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
@@ -76,8 +79,13 @@ def export_models(config: ProjectConfig, *, only: Iterable[str] | None = None, f
         pending[ref] = cfg.id
     total = len(pending)
     _say(out, f"exporting {total} model(s) into {root} ({'1 GPU' if num_gpus else 'CPU'} per task)")
+    started = time.monotonic()
     while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=PROGRESS_EVERY_S)
+        if not done:  # progress: who is still running, and for how long
+            _say(out, f"[{total - len(pending)}/{total}] {time.monotonic() - started:.0f} s, running: "
+                      + ", ".join(sorted(pending.values())))
+            continue
         model_id = pending.pop(done[0])
         try:
             result = ray.get(done[0])
