@@ -32,7 +32,22 @@ class ExportResult:
         return self.entry["parity"]["max_abs_diff"] if self.entry else None
 
 
+def _quiet() -> None:
+    """Exporters are chatty (tracer warnings, progress bars); the summary says what matters."""
+    import logging
+    import os
+    import warnings
+
+    warnings.simplefilter("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for name in ("torch.onnx", "torch._export", "torch.export", "onnxscript", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _export_task(cfg_json: dict, root: str) -> ExportResult:
+    _quiet()
     cfg = ModelConfig.model_validate(cfg_json)
     started = time.time()
     where = {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "started": started}
