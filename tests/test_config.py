@@ -59,3 +59,11 @@ def test_yaml_round_trip(tmp_path):
     path.write_text("artifacts: out\nmodels:\n  - id: m\n    source: org/name\n    serving: {num_gpus: 0.25}\n")
     cfg = ProjectConfig.from_yaml(path)
     assert cfg.models[0].serving.num_gpus == 0.25 and cfg.artifacts == "out"
+
+
+def test_default_models_resolve_offline():
+    from export_jobs.config import default_config
+
+    cfg = default_config()
+    assert [m.id for m in cfg.models] == ["all-MiniLM-L6-v2", "SmolLM2-135M-Instruct", "use-multilingual"]
+    assert all(resolve(m.source).offline for m in cfg.models)
