@@ -79,10 +79,9 @@ def gpt2_tokenizer(model_max_length: int = 2048):
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(encoder, Path(tmp) / "vocab.json")
         shutil.copy(merges, Path(tmp) / "merges.txt")
-        tokenizer = GPT2TokenizerFast(
-            vocab_file=str(Path(tmp) / "vocab.json"), merges_file=str(Path(tmp) / "merges.txt"),
-            model_max_length=model_max_length,
-        )
+        # from_pretrained, not the constructor: transformers 5 ignores vocab_file/merges_file
+        # keyword arguments there and builds an empty BPE
+        tokenizer = GPT2TokenizerFast.from_pretrained(tmp, model_max_length=model_max_length)
     # GPT-2 has one special token, <|endoftext|> (50256), used for bos, eos and here for padding
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

@@ -62,10 +62,32 @@ class DecoderSpec(ExportSpec):
     cache_outputs: str = "present.{i}.{kind}"
 
 
+    # KV cache geometry, read from the model config (LLaMA-style attribute names by default)
+    def num_layers(self, config) -> int:
+        return config.num_hidden_layers
+
+    def num_kv_heads(self, config) -> int:
+        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+    def head_dim(self, config) -> int:
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 @dataclass(frozen=True)
 class GPTNeoSpec(DecoderSpec):
+    """Local (windowed) and global attention layers; the gate's prompts outrun the window."""
+
     family: ClassVar[str] = "gpt-neo"
     model_types: ClassVar[tuple[str, ...]] = ("gpt_neo",)
+
+    def num_layers(self, config) -> int:
+        return config.num_layers
+
+    def num_kv_heads(self, config) -> int:
+        return config.num_heads
+
+    def head_dim(self, config) -> int:
+        return config.hidden_size // config.num_heads
 
 
 @dataclass(frozen=True)
@@ -73,11 +95,22 @@ class GPT2Spec(DecoderSpec):
     family: ClassVar[str] = "gpt2"
     model_types: ClassVar[tuple[str, ...]] = ("gpt2",)
 
+    def num_layers(self, config) -> int:
+        return config.n_layer
+
+    def num_kv_heads(self, config) -> int:
+        return config.n_head
+
+    def head_dim(self, config) -> int:
+        return config.n_embd // config.n_head
+
 
 @dataclass(frozen=True)
 class LlamaSpec(DecoderSpec):
+    """LLaMA-style: RoPE, grouped-query attention (fewer KV heads than query heads)."""
+
     family: ClassVar[str] = "llama"
-    model_types: ClassVar[tuple[str, ...]] = ("llama", "mistral", "qwen2")
+    model_types: ClassVar[tuple[str, ...]] = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ class SamplingParams:
     """temperature 0 means greedy. top_k 0 means no top-k cut. seed None means fresh entropy."""
 
     max_tokens: int = 16
+    min_tokens: int = 0  # stop and EOS tokens are masked out until this many new tokens
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -37,6 +38,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
     @property
@@ -189,7 +192,11 @@ def generate(session: DecoderSession, prompts_token_ids: Sequence[Sequence[int]]
     reasons: list[str | None] = [None] * batch
     for step in range(params.max_tokens):
         logits, past = session.step(input_ids, mask, positions, past)
-        tokens = sample_next(logits[:, -1, :], params, rng)
+        last = logits[:, -1, :]
+        if step < params.min_tokens and stop_ids.size:
+            last = last.copy()
+            last[:, stop_ids] = -np.inf  # as transformers' MinNewTokensLengthLogitsProcessor
+        tokens = sample_next(last, params, rng)
         emitted: list[int | None] = []
         for row in range(batch):
             if reasons[row] is not None:
