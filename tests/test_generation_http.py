@@ -14,27 +14,31 @@ from serve_app.settings import AppConfig, ServerSettings
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 MODEL = "tiny-gpt2"
+LONG = "tiny-gpt2-long"  # 4096 positions: long enough to disconnect mid-stream
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
+def _make_tiny_gpt2(directory, context: int):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from export_jobs.decoder_sources import gpt2_tokenizer
 
-    directory = tmp_path_factory.mktemp("tiny-gpt2")
     torch.manual_seed(0)
-    tokenizer = gpt2_tokenizer(model_max_length=128)
+    tokenizer = gpt2_tokenizer(model_max_length=context)
     tokenizer.chat_template = CHAT_TEMPLATE
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=context, n_embd=32, n_layer=2, n_head=2,
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     model = GPT2LMHeadModel(config).eval()
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory, model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    return _make_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), 128)
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +49,12 @@ def server(serve_url, tiny_lm, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("art-gen")
     cfg = ModelConfig(id=MODEL, source=str(tiny_lm[0]), task="generation")
-    manifest.commit(root, export_one(cfg, root))
-    app = build(AppConfig(project=ProjectConfig(artifacts=str(root), models=(cfg,)),
-                          server=ServerSettings(max_tokens_limit=64)), manifest.load(root))
+    long_dir = _make_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2-long"), 4096)[0]
+    long_cfg = ModelConfig(id=LONG, source=str(long_dir), task="generation")
+    for c in (cfg, long_cfg):
+        manifest.commit(root, export_one(c, root))
+    app = build(AppConfig(project=ProjectConfig(artifacts=str(root), models=(cfg, long_cfg)),
+                          server=ServerSettings(max_tokens_limit=4000)), manifest.load(root))
     serve.run(app, name="gen", route_prefix="/")
     yield serve_url
     serve.delete("gen")
@@ -121,7 +128,7 @@ def test_seeded_sampling_is_reproducible(server):
     ({"prompt": []}, 400, "prompt"),
     ({"max_tokens": 0}, 400, "max_tokens"),
     ({"max_tokens": -5}, 400, "max_tokens"),
-    ({"max_tokens": 65}, 400, "max_tokens"),
+    ({"max_tokens": 4001}, 400, "max_tokens"),
     ({"temperature": -0.1}, 400, "temperature"),
     ({"top_p": 0}, 400, "top_p"),
     ({"n": 2}, 400, "n"),
@@ -140,3 +147,30 @@ def test_bad_completion_requests(server, patch, status, param):
 def test_embedding_route_refuses_a_generator(server):
     r = httpx.post(f"{server}/v1/embeddings", json={"model": MODEL, "input": "x"})
     assert r.status_code == 404 and "generation" not in r.json()["error"]["message"].split("available")[1]
+
+
+def test_client_disconnect_stops_generation(server):
+    import time
+
+    from ray import serve
+
+    handle = serve.get_deployment_handle(f"generate-{LONG}", app_name="gen")
+    before = handle.info.remote().result()["decode_steps"]
+    body = {"model": LONG, "prompt": "Tell me everything", "max_tokens": 4000, "temperature": 0.7, "seed": 1,
+            "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        for i, _ in enumerate(r.iter_lines()):
+            if i >= 6:
+                break  # the client goes away after a few events
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        info = handle.info.remote().result()
+        if info["active_streams"] == 0:
+            break
+        time.sleep(0.2)
+    assert info["active_streams"] == 0, info
+    steps = info["decode_steps"] - before
+    time.sleep(1.0)
+    assert handle.info.remote().result()["decode_steps"] - before == steps  # nothing runs on
+    assert steps < 3000, steps  # stopped well before max_tokens

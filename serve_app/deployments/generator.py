@@ -21,6 +21,8 @@ class Generator:
         manifest.verify(root, parsed)
         self.model_id = parsed.id
         self.runtime = TextGenerator(parsed, root, use_gpu=bool(ray.get_gpu_ids()), threads=int(max(1, num_cpus)))
+        self.active_streams = 0
+        self.decode_steps = 0  # all decode steps this replica ran: shows that cancelled streams stop
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Batch settings belong to embedders; generators accept and ignore them."""
@@ -35,11 +37,14 @@ class Generator:
     async def stream(self, prepared: Prepared) -> AsyncIterator[list[Delta]]:
         """Async generator: each decode step runs in a thread; a cancelled caller stops the loop."""
         steps = self.runtime.steps(prepared)
+        self.active_streams += 1
         try:
             while (deltas := await asyncio.to_thread(next, steps, _DONE)) is not _DONE:
+                self.decode_steps += 1
                 if deltas:
                     yield deltas
         finally:
+            self.active_streams -= 1
             steps.close()
 
     async def complete(self, prepared: Prepared) -> dict[str, Any]:
@@ -55,7 +60,8 @@ class Generator:
                 "completion_tokens": tokens}
 
     def info(self) -> dict[str, Any]:
-        return {"id": self.model_id, "context": self.runtime.context}
+        return {"id": self.model_id, "context": self.runtime.context, "active_streams": self.active_streams,
+                "decode_steps": self.decode_steps}
 
     def check_health(self) -> None:
         if self.runtime.session is None:
