@@ -33,6 +33,19 @@ class Precision(str, enum.Enum):
     fp16 = "fp16"
 
 
+class SpeedOption(str, enum.Enum):
+    """Post-export speed option for an encoder (export_jobs.optimize); each output is gated on its own.
+
+    none: the exported fp32 graph; fused: ORT transformer optimizer (Attention, SkipLayerNorm...);
+    fp16: fused, then float16 weights and compute (GPU serving); int8: fused, then dynamic int8 (CPU serving).
+    """
+
+    none = "none"
+    fused = "fused"
+    fp16 = "fp16"
+    int8 = "int8"
+
+
 class ServingOptions(BaseModel):
     """How replicas of one model are placed and batched (Ray Serve options)."""
 

@@ -22,7 +22,8 @@ class PlainEncoder(torch.nn.Module):
         self.output_names = ("last_hidden_state", "pooler_output") if _has_pooler(model) else ("last_hidden_state",)
 
     def forward(self, *inputs: torch.Tensor):
-        out = self.model(**dict(zip(self.input_names, inputs)))
+        named = dict(zip(self.input_names, inputs))
+        out = self.model(**dict(named, attention_mask=additive_mask(named["attention_mask"], self.model.dtype)))
         return tuple(out[name] for name in self.output_names)
 
 
@@ -39,7 +40,8 @@ class SentenceEncoder(torch.nn.Module):
 
     def forward(self, *inputs: torch.Tensor):
         named = dict(zip(self.input_names, inputs))
-        hidden = self.model(**named).last_hidden_state
+        hidden = self.model(**dict(named, attention_mask=additive_mask(named["attention_mask"], self.model.dtype)))
+        hidden = hidden.last_hidden_state
         mask = named["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         if self.pooling == "cls":
             pooled = hidden[:, 0]
@@ -47,9 +49,20 @@ class SentenceEncoder(torch.nn.Module):
             pooled = torch.where(mask > 0, hidden, torch.finfo(hidden.dtype).min).amax(dim=1)
         else:
             pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-        if self.normalize:
-            pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+        if self.normalize:  # F.normalize, spelled without ReduceL2/Expand (which stop ORT's shape inference)
+            pooled = pooled / (pooled * pooled).sum(dim=1, keepdim=True).sqrt().clamp(min=1e-12)
         return (pooled,)
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[b, s] 0/1 -> [b, 1, s, s] additive mask (0 keep, dtype min drop), built the way transformers 4's
+    `_prepare_4d_attention_mask` built it. transformers 5 passes a 4D mask through as is; the ORT
+    transformer optimizer recognises this subgraph and fuses Attention, but not transformers 5's own
+    vmap-built mask (0 Attention fused, and no SkipLayerNormalization either)."""
+    batch, length = mask.shape
+    expanded = mask.unsqueeze(1).unsqueeze(2).expand(batch, 1, length, length).to(dtype)
+    inverted = 1.0 - expanded
+    return inverted.masked_fill(inverted.to(torch.bool), torch.finfo(dtype).min)
 
 
 def _has_pooler(model: torch.nn.Module) -> bool:

@@ -1,0 +1,407 @@
+"""The GPU suite in one command (one GPU host, under 10 minutes): prints tables, writes JSON to $OUT.
+
+(a) bert-base shapes + mean pooling, batch 1 x 6 and 64 x 128: torch eager fp32 / fp16 /
+    torch.compile(reduce-overhead) fp16 vs ONNX Runtime CUDA fp32, fused fp16 (both IO binding),
+    fused fp16 + CUDA graphs, TensorRT EP if it loads; parity of each vs torch fp32.
+(b) GPT-Neo 1.3B shapes, random weights, fp16: transformers generate() vs our ONNX decode loop
+    (serve_app.generation, KV cache kept on the GPU) at batch 1 and 32, ms/token.
+
+Each section is guarded: a failure prints its error and the suite goes on.
+
+    python bench/gpu_suite.py [--sections embed gptneo] [--tiny --device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402  (before onnxruntime: it puts the CUDA libraries where ORT finds them)
+import onnxruntime as ort  # noqa: E402
+
+from common import table  # noqa: E402
+
+ort.set_default_logger_severity(3)  # errors only: the TensorRT probe's load failure is reported in the table
+
+RESULTS: dict = {}
+
+
+def emit(args) -> None:
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "gpu_suite.json").write_text(json.dumps(RESULTS, indent=2, default=str))
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(runners: dict, device: str, rounds: int, per_round: int, warmup: int = 5) -> dict:
+    """Median ms per call over interleaved rounds (every variant sees the same conditions)."""
+    samples = {name: [] for name in runners}
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+        sync(device)
+    for _ in range(rounds):
+        for name, fn in runners.items():
+            for _ in range(per_round):
+                start = time.perf_counter()
+                fn()
+                sync(device)
+                samples[name].append((time.perf_counter() - start) * 1000)
+    return {name: {"p50_ms": statistics.median(s), "min_ms": min(s)} for name, s in samples.items()}
+
+
+def parity(reference: np.ndarray, actual) -> dict:
+    a, b = reference.astype(np.float64), np.asarray(actual, np.float64)
+    cos = np.sum(a * b, 1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    return {"max_abs_diff": float(np.max(np.abs(a - b))), "min_cosine": float(np.min(cos))}
+
+
+def providers(device: str, **cuda_options) -> list:
+    if device == "cuda":
+        return [("CUDAExecutionProvider", {"device_id": 0, **cuda_options}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+# --- (a) embeddings ------------------------------------------------------------------------
+
+
+class MeanPooled(torch.nn.Module):
+    """What a torch user runs: the model with its own 2-D mask handling, then mean pooling."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                            token_type_ids=token_type_ids).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def embed_inputs(batch: int, length: int, vocab: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1000, vocab, size=(batch, length), dtype=np.int64)
+    lengths = np.full(batch, length) if batch == 1 else rng.integers(length // 2, length + 1, size=batch)
+    lengths[0] = length
+    mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int64)
+    return {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+
+class OrtBound:
+    """An ORT session run through IO binding: inputs and output live in fixed device buffers."""
+
+    def __init__(self, path: Path, feeds: dict[str, np.ndarray], dim: int, device: str, **cuda_options):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), opts, providers=providers(device, **cuda_options))
+        where = "cuda" if device == "cuda" else "cpu"
+        self.inputs = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), where, 0)
+                       for name, value in feeds.items()}
+        batch = next(iter(feeds.values())).shape[0]
+        self.output = ort.OrtValue.ortvalue_from_shape_and_type((batch, dim), np.float32, where, 0)
+        self.binding = self.session.io_binding()
+        for name, value in self.inputs.items():
+            self.binding.bind_ortvalue_input(name, value)
+        self.binding.bind_ortvalue_output(self.session.get_outputs()[0].name, self.output)
+
+    def __call__(self):
+        self.session.run_with_iobinding(self.binding)
+
+    def result(self) -> np.ndarray:
+        self()
+        return self.output.numpy()
+
+
+def export_bert(model, directory: Path) -> tuple[Path, Path, dict]:
+    """fp32 export (our exporter, on CPU) and the fused fp16 speed option of it."""
+    from export_jobs.config import SpeedOption
+    from export_jobs.optimize import apply_speed_option
+    from export_jobs.specs import BertSpec
+    from export_jobs.torch_export import SentenceEncoder, example_inputs, export_module
+
+    spec = BertSpec()
+    module = SentenceEncoder(model, spec.inputs, "mean", False).eval()
+    fp32 = directory / "bert.fp32.onnx"
+    start = time.perf_counter()
+    export_module(module, spec, example_inputs(spec.inputs, model.config.vocab_size), module.output_names, fp32, 18)
+    exported = time.perf_counter() - start
+    fp16 = directory / "bert.fp16.onnx"
+    figures = apply_speed_option(fp32, fp16, SpeedOption.fp16, model.config)
+    figures["export_s"] = round(exported, 1)
+    return fp32, fp16, figures
+
+
+def section_embeddings(args) -> None:
+    from transformers import BertConfig, BertModel
+
+    device, dev = args.device, torch.device(args.device)
+    config = (BertConfig(vocab_size=2000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128) if args.tiny else BertConfig())
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = BertModel(config, add_pooling_layer=False).eval()
+    shapes = [(1, 6), (4, 16)] if args.tiny else [(1, 6), (64, 128)]
+    tmp = Path(tempfile.mkdtemp(prefix="gpu-suite-"))
+    fp32_path, fp16_path, figures = export_bert(model, tmp)
+    RESULTS["embeddings"] = {"config": "tiny" if args.tiny else "bert-base", "optimizer": figures, "shapes": {}}
+    print(f"[embed] exported in {figures['export_s']} s; fused operators {figures['fusions']}", flush=True)
+
+    fp32_torch = MeanPooled(model).to(dev)
+    fp16_torch = MeanPooled(BertModel(config, add_pooling_layer=False).eval()).to(dev)
+    fp16_torch.model.load_state_dict(model.state_dict())
+    fp16_torch = fp16_torch.half()
+    compiled = torch.compile(fp16_torch, mode="reduce-overhead", dynamic=False) if not args.no_compile else None
+    dim = config.hidden_size
+    for batch, length in shapes:
+        key = f"{batch}x{length}"
+        feeds = embed_inputs(batch, length, config.vocab_size, seed=batch)
+        tensors = {k: torch.from_numpy(v).to(dev) for k, v in feeds.items()}
+        runners, outputs, notes = {}, {}, {}
+        with torch.inference_mode():
+            reference = fp32_torch(**tensors).float().cpu().numpy()
+        runners["torch eager fp32"] = lambda: fp32_torch(**tensors)
+        runners["torch eager fp16"] = lambda: fp16_torch(**tensors)
+        outputs["torch eager fp32"] = reference
+        with torch.inference_mode():
+            outputs["torch eager fp16"] = fp16_torch(**tensors).float().cpu().numpy()
+        if compiled is not None:
+            try:
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    for _ in range(3):
+                        out = compiled(**tensors)
+                    sync(device)
+                    outputs["torch.compile fp16"] = out.float().cpu().numpy()
+                notes["torch.compile fp16"] = f"compiled+warm in {time.perf_counter() - start:.0f} s"
+                runners["torch.compile fp16"] = lambda: compiled(**tensors)
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                notes["torch.compile fp16"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+        sessions = {"ORT CUDA fp32 + IO binding": (fp32_path, {}),
+                    "ORT fused fp16 + IO binding": (fp16_path, {})}
+        if device == "cuda":
+            sessions["ORT fused fp16 + CUDA graph"] = (fp16_path, {"enable_cuda_graph": True})
+        for name, (path, options) in sessions.items():
+            try:
+                bound = OrtBound(path, feeds, dim, device, **options)
+                outputs[name] = bound.result()  # with a CUDA graph: the first run captures it
+                runners[name] = bound
+                notes[name] = "providers " + ",".join(p.replace("ExecutionProvider", "")
+                                                      for p in bound.session.get_providers())
+            except Exception as exc:  # noqa: BLE001
+                notes[name] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+        if device == "cuda":
+            name = "ORT TensorRT EP fp16"
+            if "TensorrtExecutionProvider" not in ort.get_available_providers():
+                notes[name] = "unavailable: not in this onnxruntime build"
+            else:
+                try:
+                    trt = ort.InferenceSession(str(fp32_path), providers=[
+                        ("TensorrtExecutionProvider", {"trt_fp16_enable": True})])
+                    if trt.get_providers()[0] != "TensorrtExecutionProvider":
+                        raise RuntimeError(f"listed, but the session fell back to {trt.get_providers()} "
+                                           "(TensorRT's own libraries, libnvinfer, are not installed)")
+                    outputs[name] = trt.run(None, feeds)[0]
+                    runners[name] = lambda: trt.run(None, feeds)
+                except Exception as exc:  # noqa: BLE001
+                    notes[name] = f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        with torch.inference_mode():
+            many = batch * length >= 4096
+            timed = time_interleaved(runners, device, rounds=args.rounds,
+                                     per_round=max(5, args.per_round // (4 if many else 1)))
+        rows, record = [], {}
+        eager_ms = timed["torch eager fp32"]["p50_ms"]
+        compile_ms = timed.get("torch.compile fp16", {}).get("p50_ms")
+        for name in list(outputs) + [n for n in notes if n not in outputs]:
+            t = timed.get(name)
+            p = parity(reference, outputs[name]) if name in outputs else {}
+            record[name] = {**(t or {}), **p, "note": notes.get(name, "")}
+            rows.append((name, f"{t['p50_ms']:.3f}" if t else "-",
+                         f"{eager_ms / t['p50_ms']:.1f}x" if t else "-",
+                         f"{compile_ms / t['p50_ms']:.2f}x" if t and compile_ms else "-",
+                         f"{p['max_abs_diff']:.1e}" if p else "-", f"{p['min_cosine']:.6f}" if p else "-",
+                         notes.get(name, "")))
+        RESULTS["embeddings"]["shapes"][key] = record
+        print(f"\n(a) {RESULTS['embeddings']['config']} + mean pooling, batch {batch} x {length} tokens, "
+              f"{device}; median ms per call ({args.rounds} interleaved rounds)")
+        print(table(rows, ("variant", "p50 ms", "vs eager fp32", "vs compile fp16", "max abs diff",
+                           "min cosine", "note")), flush=True)
+        emit(args)
+
+
+# --- (b) GPT-Neo decode -------------------------------------------------------------------
+
+
+def _load_module(name: str, path: Path):
+    """serve_app/generation.py alone (numpy + onnxruntime): serve_app/__init__ pulls in Ray Serve."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def section_gptneo(args) -> None:
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    from export_jobs.decoder_export import export_decoder
+    generation = _load_module("serve_app_generation", Path(__file__).resolve().parents[1] / "serve_app" / "generation.py")
+    DecoderSession, SamplingParams, generate_all = (generation.DecoderSession, generation.SamplingParams,
+                                                    generation.generate_all)
+
+    device = args.device
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    if args.tiny:
+        config = GPTNeoConfig(vocab_size=1000, hidden_size=64, num_layers=2, num_heads=4, window_size=8,
+                              attention_types=[[["global", "local"], 1]], max_position_embeddings=512)
+    else:
+        config = GPTNeoConfig(vocab_size=50257, hidden_size=2048, num_layers=24, num_heads=16, window_size=256,
+                              attention_types=[[["global", "local"], 12]], max_position_embeddings=2048)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    with torch.device(device):
+        model = GPTNeoForCausalLM(config).to(dtype).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    print(f"[gptneo] {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, {dtype}, built in "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
+    prompt_len, new = 8, args.new_tokens
+    rng = np.random.default_rng(0)
+    record = {"dtype": str(dtype), "prompt_tokens": prompt_len, "new_tokens": new, "rows": {}}
+    RESULTS["gptneo"] = record
+
+    def hf_ms_per_token(batch: int) -> tuple[float, list[int]]:
+        ids = torch.from_numpy(rng.integers(10, config.vocab_size, (batch, prompt_len))).to(device)
+        mask = torch.ones_like(ids)
+
+        def run(n):
+            sync(device)
+            t0 = time.perf_counter()
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False)
+            sync(device)
+            return time.perf_counter() - t0, out
+
+        run(4)  # warm-up
+        long = statistics.median(run(new)[0] for _ in range(2))
+        short = statistics.median(run(1)[0] for _ in range(3))
+        _, out = run(new)
+        return (long - short) / (new - 1) * 1000, out[0, prompt_len:].tolist(), ids.cpu().numpy()
+
+    onnx_session = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix="gptneo-"))
+        start = time.perf_counter()
+        info = export_decoder(model, tmp / "model.onnx")
+        record["export_s"] = round(time.perf_counter() - start, 1)
+        opts = ort.SessionOptions()
+        onnx_session = DecoderSession(tmp / "model.onnx", info, providers=providers(device), session_options=opts)
+        record["onnx_providers"] = onnx_session.session.get_providers()
+        record["onnx_on_cuda_kv"] = onnx_session.on_cuda
+        print(f"[gptneo] exported ({info.exporter}, {info.dtype}) in {record['export_s']} s", flush=True)
+    except Exception as exc:  # noqa: BLE001
+        record["onnx_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+        traceback.print_exc()
+
+    def onnx_ms_per_token(prompts) -> tuple[float, list[int]]:
+        prompts = [list(map(int, p)) for p in prompts]
+
+        def run(n):
+            t0 = time.perf_counter()
+            out = generate_all(onnx_session, prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+            return time.perf_counter() - t0, out
+
+        run(4)
+        long = statistics.median(run(new)[0] for _ in range(2))
+        short = statistics.median(run(1)[0] for _ in range(3))
+        _, out = run(new)
+        return (long - short) / (new - 1) * 1000, out[0]
+
+    rows = []
+    for batch in (1, 32):
+        row = {}
+        try:
+            with torch.inference_mode():
+                row["hf_ms_per_token"], hf_tokens, prompts = hf_ms_per_token(batch)
+        except Exception as exc:  # noqa: BLE001
+            row["hf_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            prompts = rng.integers(10, config.vocab_size, (batch, prompt_len))
+            hf_tokens = None
+        if onnx_session is not None:
+            try:
+                row["onnx_ms_per_token"], onnx_tokens = onnx_ms_per_token(prompts)
+                if hf_tokens is not None:
+                    same = next((i for i, (a, b) in enumerate(zip(hf_tokens, onnx_tokens)) if a != b), len(hf_tokens))
+                    row["greedy_tokens_agree_row0"] = f"{same}/{len(hf_tokens)}"
+            except Exception as exc:  # noqa: BLE001
+                row["onnx_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                traceback.print_exc()
+        record["rows"][batch] = row
+        emit(args)
+    for name, key in (("transformers generate()", "hf_ms_per_token"), ("ONNX decode loop (IO binding)", "onnx_ms_per_token")):
+        b1, b32 = record["rows"][1].get(key), record["rows"][32].get(key)
+        rows.append((name, f"{b1:.2f}" if b1 else "-", f"{b32:.2f}" if b32 else "-",
+                     f"{b32 / b1:.2f}" if b1 and b32 else "-"))
+    agree = record["rows"][1].get("greedy_tokens_agree_row0", "-")
+    print(f"\n(b) GPT-Neo {'tiny' if args.tiny else '1.3B shapes'}, random weights, {dtype}, prompt {prompt_len}, "
+          f"{new} new tokens; ms per decode step = (t[{new}] - t[1]) / {new - 1}; "
+          f"greedy tokens ONNX = HF at batch 1: {agree}")
+    print(table(rows, ("decoder", "batch 1 ms/token", "batch 32 ms/step", "batch32/batch1")), flush=True)
+    for batch, row in record["rows"].items():
+        for k, v in row.items():
+            if k.endswith("error"):
+                print(f"  batch {batch} {k}: {v}")
+    if "onnx_error" in record:
+        print(f"  export/session error: {record['onnx_error']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--tiny", action="store_true", help="tiny configs: checks the script's logic fast")
+    parser.add_argument("--sections", nargs="+", default=["embed", "gptneo"])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--per-round", type=int, default=40)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args()
+    import transformers
+
+    RESULTS["env"] = {"torch": torch.__version__, "onnxruntime": ort.__version__,
+                      "transformers": transformers.__version__, "device": args.device,
+                      "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
+                      "ort_providers": ort.get_available_providers(), "argv": sys.argv[1:]}
+    print(json.dumps(RESULTS["env"]), flush=True)
+    sections = {"embed": section_embeddings, "gptneo": section_gptneo}
+    for name in args.sections:
+        start = time.perf_counter()
+        try:
+            sections[name](args)
+        except Exception as exc:  # noqa: BLE001 - one section's failure must not stop the others
+            RESULTS.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
+            print(f"\n[{name}] FAILED: {type(exc).__name__}: {exc}", flush=True)
+            traceback.print_exc()
+        print(f"[{name}] {time.perf_counter() - start:.0f} s", flush=True)
+        emit(args)
+
+
+if __name__ == "__main__":
+    main()
