@@ -13,6 +13,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# Bump when the exporters change what they write for the same configuration: artifacts recorded under
+# an older revision are then exported again (2: additive 4-D attention mask, fusable by ORT's optimizer).
+EXPORTER_REVISION = 2
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 
@@ -79,6 +82,7 @@ class ModelConfig(BaseModel):
     max_length: int | None = Field(None, ge=1, description="Token limit; None: the model's own.")
     truncate: bool = Field(False, description="Truncate over-long inputs instead of refusing them.")
     precision: Precision = Precision.fp32
+    optimize: SpeedOption = Field(SpeedOption.none, description="Encoders: post-export speed option, gated on its own.")
     opset: int = Field(18, ge=14, le=23)
     tolerance: float | None = Field(None, gt=0.0, description="None: the architecture's default.")
     serving: ServingOptions = ServingOptions()
@@ -92,7 +96,7 @@ class ModelConfig(BaseModel):
 
     def fingerprint(self) -> str:
         """Hash of everything that changes the exported artifact (not serving options)."""
-        data = self.model_dump(mode="json", exclude={"serving"})
+        data = {**self.model_dump(mode="json", exclude={"serving"}), "exporter_revision": EXPORTER_REVISION}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from . import validate
-from .config import EncoderMode, ModelConfig, Precision
+from .config import EncoderMode, ModelConfig, Precision, SpeedOption
 from .encoder_sources import load_encoder
 from .sources import ResolvedSource
 from .specs import EncoderSpec, spec_for
@@ -47,23 +47,30 @@ def _reference(module: torch.nn.Module, feeds: dict[str, np.ndarray], names) -> 
 
 
 def check_encoder(module, onnx_path: Path, tokenizer, spec: EncoderSpec, max_length: int,
-                  vocab: int, tolerance: float, seed: int = 1234) -> dict[str, Any]:
-    """Run ORT and torch on the same fresh inputs; raise ParityError/ShapeError past ``tolerance``."""
+                  vocab: int, tolerance: float, seed: int = 1234, *, min_cosine: float | None = None,
+                  providers: tuple[str, ...] = ("CPUExecutionProvider",), label: str = "") -> dict[str, Any]:
+    """Run ORT and torch on the same fresh inputs; raise ParityError/ShapeError past ``tolerance``
+    and CosineError below ``min_cosine`` (speed options are held to a cosine as well)."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(onnx_path), providers=list(providers))
     diffs, cosines, cases = [], [], 0
     for what, feeds in _parity_batches(tokenizer, spec, max_length, vocab, seed):
         expected = _reference(module, feeds, spec.inputs)
         actual = session.run(None, feeds)
         for i, (exp, act) in enumerate(zip(expected, actual)):
+            act = np.asarray(act, np.float32)
             if i == 0 and exp.ndim == 3:  # hidden states: padded positions are not part of the contract
                 keep = feeds["attention_mask"].astype(bool)
-                exp, act = exp[keep], np.asarray(act)[keep]
-            diffs.append(validate.check(f"{what} output {i}", exp, act, tolerance))
-            cosines.append(validate.min_cosine(exp, np.asarray(act)))
+                exp, act = exp[keep], act[keep]
+            cosine = validate.min_cosine(exp, act)
+            if min_cosine is not None and not cosine >= min_cosine:  # also refuses NaN
+                raise validate.CosineError(f"{label}{what} output {i}", cosine, min_cosine)
+            diffs.append(validate.check(f"{label}{what} output {i}", exp, act, tolerance))
+            cosines.append(cosine)
         cases += 1
-    return {"max_abs_diff": validate.worst(diffs), "min_cosine": min(cosines), "cases": cases}
+    return {"max_abs_diff": validate.worst(diffs), "min_cosine": min(cosines), "cases": cases,
+            "providers": session.get_providers()}
 
 
 def export_encoder(cfg: ModelConfig, resolved: ResolvedSource, staging: Path) -> dict[str, Any]:
@@ -86,16 +93,40 @@ def export_encoder(cfg: ModelConfig, resolved: ResolvedSource, staging: Path) ->
     tokenizer.save_pretrained(staging / "tokenizer")
     tolerance = cfg.tolerance or spec.tolerance
     figures = check_encoder(module, onnx_path, tokenizer, spec, limit, model.config.vocab_size, tolerance)
+    model_file, speed = onnx_path.name, None
+    if cfg.optimize is not SpeedOption.none:  # a faster variant, proven on its own before it is served
+        model_file, figures, speed = _speed_variant(cfg.optimize, module, onnx_path, tokenizer, spec, limit,
+                                                    model.config, tolerance, figures)
     return {
         "family": spec.family,
+        "model_file": model_file,
+        "precision": {SpeedOption.fp16: "fp16", SpeedOption.int8: "int8"}.get(cfg.optimize, "fp32"),
         "dim": int(model.config.hidden_size),
         "max_length": int(limit),
-        "parity": {"max_abs_diff": figures["max_abs_diff"], "tolerance": tolerance, "cases": figures["cases"],
-                   "details": {"min_cosine": figures["min_cosine"]}},
+        "parity": {"max_abs_diff": figures["max_abs_diff"], "tolerance": figures.get("tolerance", tolerance),
+                   "cases": figures["cases"], "details": {"min_cosine": figures["min_cosine"]}},
         "metadata": {
+            "speed": speed,
             "mode": cfg.mode.value, "pooling": settings.pooling, "normalize": normalize,
             "inputs": list(spec.inputs), "outputs": list(output_names),
             "tokenizer": "tokenizer/tokenizer.json", "pad_token_id": int(tokenizer.pad_token_id or 0),
             "model_type": model.config.model_type,
         },
     }
+
+
+def _speed_variant(option: SpeedOption, module, fp32_path: Path, tokenizer, spec: EncoderSpec, limit: int,
+                   hf_config, tolerance: float, fp32_figures: dict[str, Any]):
+    """Build the fused / fp16 / int8 file beside the fp32 one and gate it (CUDA for fp16 where there is one)."""
+    import onnxruntime as ort
+
+    from . import optimize
+
+    fast = fp32_path.with_name(f"model.{option.value}.onnx")
+    built = optimize.apply_speed_option(fp32_path, fast, option, hf_config)
+    on_gpu = option is SpeedOption.fp16 and "CUDAExecutionProvider" in ort.get_available_providers()
+    providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if on_gpu else ("CPUExecutionProvider",)
+    gate = optimize.check_speed_option(module, fast, tokenizer, spec, limit, hf_config.vocab_size, option,
+                                       tolerance, providers)
+    speed = {**built, "gate": gate, "fp32_parity": {k: fp32_figures[k] for k in ("max_abs_diff", "min_cosine")}}
+    return fast.name, gate, speed

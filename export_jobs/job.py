@@ -44,7 +44,7 @@ def export_one(cfg: ModelConfig, root: str | Path) -> manifest.ManifestEntry:
     return manifest.ManifestEntry(
         id=cfg.id, task=cfg.task.value, source=cfg.source, fingerprint=cfg.fingerprint(),
         directory=directory, files=files, opset=fields.pop("opset", cfg.opset),
-        precision=cfg.precision.value, created_at=time.time(), **fields,
+        precision=fields.pop("precision", cfg.precision.value), created_at=time.time(), **fields,
     )
 
 

@@ -25,6 +25,12 @@ class ParityError(ExportError):
         self.what, self.max_abs_diff, self.tolerance = what, max_abs_diff, tolerance
 
 
+class CosineError(ExportError):
+    def __init__(self, what: str, cosine: float, minimum: float):
+        super().__init__(f"{what}: min cosine {cosine:.6f} to the source model is below {minimum}")
+        self.what, self.cosine, self.minimum = what, cosine, minimum
+
+
 def max_abs_diff(what: str, expected: np.ndarray, actual: np.ndarray) -> float:
     expected, actual = np.asarray(expected), np.asarray(actual)
     if expected.shape != actual.shape:

@@ -115,3 +115,30 @@ def test_none_is_not_a_speed_option(tmp_path):
 
     with pytest.raises(ValueError):
         apply_speed_option(tmp_path / "a.onnx", tmp_path / "b.onnx", SpeedOption.none, None)
+
+
+def test_speed_option_in_the_pipeline_serves_only_a_gated_variant(tmp_path, monkeypatch):
+    """optimize: int8 in a model's config -> the manifest points at the int8 file, gated on its own;
+    a variant that fails its gate never reaches the manifest."""
+    import numpy as np
+
+    from export_jobs import manifest, optimize
+    from export_jobs.config import ModelConfig, SpeedOption
+    from export_jobs.job import export_one
+    from export_jobs.validate import CosineError
+    from serve_app.runtime import EncoderSession
+
+    cfg = ModelConfig(id="m", source=MINILM, optimize="int8")
+    entry = export_one(cfg, tmp_path)
+    assert entry.model_file == "model.int8.onnx" and entry.precision == "int8"
+    assert entry.parity.details["min_cosine"] >= 0.99 and entry.metadata["speed"]["fusions"]["Attention"] == 6
+    session = EncoderSession(entry, tmp_path)
+    vec = session.run(session.prepare(["quantized but close"]))
+    assert vec.shape == (1, 384) and abs(np.linalg.norm(vec) - 1) < 1e-3
+
+    manifest.commit(tmp_path, entry)
+    strict = dict(optimize.GATES, **{SpeedOption.int8: optimize.Gate(min_cosine=0.99999, max_abs_diff=0.1)})
+    monkeypatch.setattr(optimize, "GATES", strict)
+    with pytest.raises(CosineError):
+        export_one(cfg.model_copy(update={"opset": 17}), tmp_path)
+    assert manifest.load(tmp_path)["m"] == entry
