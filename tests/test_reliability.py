@@ -112,3 +112,27 @@ def test_killed_replica_is_replaced_and_requests_still_answered(serve_url, tiny_
         print(f"\nchaos: {len(results)} requests, {len(failed)} without a 200, recovery {recovery:.1f} s")
     finally:
         serve.delete("chaos")
+
+
+def test_api_keys_and_request_timeout(serve_url, tiny_root):
+    """Bearer-token auth on /v1/* (health stays open); a call past request_timeout_s is a 504."""
+    from ray import serve
+
+    cfg = ModelConfig(id="tiny", source="unused/unused")
+    settings = ServerSettings(api_keys=("s3cret",), request_timeout_s=0.001)
+    serve.run(build(AppConfig(project=ProjectConfig(artifacts=str(tiny_root), models=(cfg,)), server=settings),
+                    manifest.load(tiny_root)), name="guarded", route_prefix="/")
+    try:
+        body = {"model": "tiny", "input": "x"}
+        missing = httpx.post(f"{serve_url}/v1/embeddings", json=body)
+        wrong = httpx.post(f"{serve_url}/v1/embeddings", json=body, headers={"Authorization": "Bearer nope"})
+        assert missing.status_code == wrong.status_code == 401
+        assert missing.headers["www-authenticate"] == "Bearer" and missing.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{serve_url}/health").status_code == 200
+        late = httpx.post(f"{serve_url}/v1/embeddings", json=body, headers={"Authorization": "Bearer s3cret"},
+                          timeout=30)
+        assert late.status_code == 504 and late.json()["error"]["type"] == "timeout_error"
+        models = httpx.get(f"{serve_url}/v1/models", headers={"Authorization": "Bearer s3cret"})
+        assert models.status_code == 200
+    finally:
+        serve.delete("guarded")
