@@ -99,7 +99,7 @@ def build(app_config: AppConfig, entries: dict[str, manifest.ManifestEntry]) -> 
             generators[cfg.id] = Generator.options(**opts).bind(entry.model_dump(mode="json"), root,
                                                                cfg.serving.num_cpus)
     server = app_config.server
-    ingress = Ingress.options(max_ongoing_requests=server.max_ongoing_requests,
+    ingress = Ingress.options(num_replicas=server.ingress_replicas, max_ongoing_requests=server.max_ongoing_requests,
                               max_queued_requests=server.max_queued_requests,
                               ray_actor_options={"num_cpus": server.num_cpus})
     return ingress.bind(embedders, cards, server.model_dump(mode="json"), generators)

@@ -22,7 +22,9 @@ class ServerSettings(BaseModel):
     api_keys: tuple[str, ...] = Field((), description="Bearer tokens accepted on /v1/*; empty: no auth.")
     max_ongoing_requests: int = Field(1024, ge=1)
     max_queued_requests: int = Field(2048, ge=-1)
-    num_cpus: float = Field(0.25, ge=0.0, description="Logical CPUs the ingress replica reserves.")
+    num_cpus: float = Field(0.25, ge=0.0, description="Logical CPUs each ingress replica reserves.")
+    ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas; on a GPU host one ingress, "
+                                  "not the model, caps small-request throughput (BENCHMARKS.md).")
 
 
 class AppConfig(BaseModel):

@@ -115,11 +115,12 @@ def test_killed_replica_is_replaced_and_requests_still_answered(serve_url, tiny_
 
 
 def test_api_keys_and_request_timeout(serve_url, tiny_root):
-    """Bearer-token auth on /v1/* (health stays open); a call past request_timeout_s is a 504."""
+    """Bearer-token auth on /v1/* (health stays open); a call past request_timeout_s is a 504; two ingress
+    replicas behind one route."""
     from ray import serve
 
     cfg = ModelConfig(id="tiny", source="unused/unused")
-    settings = ServerSettings(api_keys=("s3cret",), request_timeout_s=0.001)
+    settings = ServerSettings(api_keys=("s3cret",), request_timeout_s=0.001, ingress_replicas=2)
     serve.run(build(AppConfig(project=ProjectConfig(artifacts=str(tiny_root), models=(cfg,)), server=settings),
                     manifest.load(tiny_root)), name="guarded", route_prefix="/")
     try:

@@ -1,0 +1,258 @@
+"""/v1/embeddings over HTTP on one GPU, end to end (issue 6's served-path target).
+
+For each Serve mode (default; throughput = RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1,
+one child process each because the flags are read when Ray starts) and each max_batch_size, it loads the
+endpoint at each concurrency with one text per request. The path cost at concurrency 1 is the HTTP p50
+minus the p50 of `EncoderSession.run(prepare([text]))` timed in this process on the same device.
+
+    python bench/gpu_http.py                       # GPU host: num_gpus 0.5, CUDA EP
+    python bench/gpu_http.py --num-gpus 0 --load 1:10 8:40 --batches 1 32   # logic check on CPU
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bench_embeddings import MODEL, SENTENCES, SOURCE, THROUGHPUT_ENV, load  # noqa: E402
+from common import percentile, table, time_ms  # noqa: E402
+
+OUT = Path(os.environ.get("OUT", "/tmp/gpu_http_out"))
+
+
+def model_config(num_gpus: float, max_batch_size: int = 32):
+    from export_jobs.config import ModelConfig
+
+    return ModelConfig(id=MODEL, source=SOURCE, serving={
+        "num_gpus": num_gpus, "num_cpus": 1.0, "max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.005,
+        "max_ongoing_requests": 512, "max_queued_requests": 4096})
+
+
+def ensure_artifact(root: str, cfg):
+    from export_jobs import manifest
+    from export_jobs.job import export_one, is_current
+
+    if not is_current(cfg, root):
+        start = time.perf_counter()
+        manifest.commit(root, export_one(cfg, root))
+        print(f"export: {time.perf_counter() - start:.1f} s", flush=True)
+    return manifest.load(root)[MODEL]
+
+
+def cuda_ep_without_preload(root: str, entry) -> str:
+    """Does a bare process (no torch, no preload_dlls) get the CUDA EP? Tells whether runtime.py needs the call."""
+    code = ("import onnxruntime as o, sys; s = o.InferenceSession(sys.argv[1], "
+            "providers=['CUDAExecutionProvider', 'CPUExecutionProvider']); print(s.get_providers()[0])")
+    proc = subprocess.run([sys.executable, "-c", code, str(entry.model_path(root))], capture_output=True, text=True)
+    return (proc.stdout.strip().splitlines() or ["?"])[-1] if proc.returncode == 0 else f"error rc={proc.returncode}"
+
+
+def kernel(root: str, entry, use_gpu: bool) -> dict:
+    from serve_app.runtime import EncoderSession
+
+    session = EncoderSession(entry, root, use_gpu=use_gpu)
+    text = SENTENCES[0]
+    one = time_ms(lambda: session.run(session.prepare([text])), warmup=30, repeats=300)
+    items = session.prepare(SENTENCES[:32])
+    b32 = time_ms(lambda: session.run_sorted(items, 64), warmup=10, repeats=100)
+    out = {"providers": session.session.get_providers(), "one_text_p50_ms": one["p50"], "one_text_min_ms": one["min"],
+           "batch32_p50_ms": b32["p50"]}
+    del session
+    return out
+
+
+def gpu_apps() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-compute-apps=pid,process_name,used_memory", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30).stdout.strip().replace("\n", "; ")
+    except (OSError, subprocess.SubprocessError):
+        return "no nvidia-smi"
+
+
+def _client(url: str, concurrency: int, requests: int) -> tuple[float, list[float], int]:
+    return asyncio.run(load(url, concurrency, requests))
+
+
+def load_split(pool, url: str, concurrency: int, requests: int, clients: int) -> tuple[float, list[float], int]:
+    """bench_embeddings.load in `clients` processes at once, so one Python client does not cap the rate."""
+    clients = max(1, min(clients, concurrency))
+    start = time.perf_counter()
+    futures = [pool.submit(_client, url, concurrency // clients + (i < concurrency % clients),
+                           requests // clients + (i < requests % clients)) for i in range(clients)]
+    parts = [f.result() for f in futures]
+    return time.perf_counter() - start, [x for p in parts for x in p[1]], sum(p[2] for p in parts)
+
+
+async def measure(url: str, mode: str, app: str, batch: int, loads: list[tuple[int, int]], pool=None,
+                  clients: int = 1) -> list[dict]:
+    """Inside one event loop: throughput mode's handles refuse to work outside a running loop."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(f"embed-{MODEL}", app_name=app)
+    await load(url, 8, 200)  # warm-up (CUDA kernels, connections)
+    rows = []
+    for conc, requests in loads:
+        before = len(await handle.batch_stats.remote())
+        if pool is not None and conc > 1 and clients > 1:
+            seconds, lat, failures = await asyncio.get_running_loop().run_in_executor(
+                None, load_split, pool, url, conc, requests, clients)
+        else:
+            seconds, lat, failures = await load(url, conc, requests)
+        batches = (await handle.batch_stats.remote())[before:]
+        rows.append({"mode": mode, "max_batch_size": batch, "concurrency": conc, "requests": requests,
+                     "clients": clients if (pool is not None and conc > 1) else 1,
+                     "req_s": len(lat) / seconds, "p50_ms": percentile(lat, 0.5), "p99_ms": percentile(lat, 0.99),
+                     "max_ms": max(lat), "non_200": failures,
+                     "mean_batch": sum(batches) / len(batches) if batches else float("nan")})
+    return rows
+
+
+def http_child(args) -> None:
+    """One Serve mode: every max_batch_size x concurrency; prints one `ROW {json}` line per measurement."""
+    import ray
+    from ray import serve
+
+    from export_jobs import manifest
+    from export_jobs.config import ProjectConfig
+    from serve_app.app import build
+    from serve_app.settings import AppConfig
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import free_port
+
+    mode = "throughput" if os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1" else "default"
+    env_vars = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
+    start = time.perf_counter()
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, namespace="serve",
+             runtime_env={"env_vars": env_vars} if env_vars else None)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    print(f"[{mode}] ray+serve up in {time.perf_counter() - start:.1f} s", flush=True)
+    url = f"http://127.0.0.1:{port}/v1/embeddings"
+    pool = None
+    if args.clients > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(args.clients, mp_context=multiprocessing.get_context("spawn"))
+        list(pool.map(abs, range(args.clients)))  # start the client processes before timing
+    loop = asyncio.new_event_loop()  # one loop for all: handles stay bound to the loop they first ran in
+    for batch in args.batches:
+        model = model_config(args.num_gpus, batch)
+        app = build(AppConfig(project=ProjectConfig(artifacts=args.artifacts, models=(model,))),
+                    manifest.load(args.artifacts))
+        start = time.perf_counter()
+        serve.run(app, name=f"bench{batch}", route_prefix="/")
+        print(f"[{mode}] max_batch_size {batch}: app up in {time.perf_counter() - start:.1f} s; "
+              f"GPU apps: {gpu_apps()}", flush=True)
+        for row in loop.run_until_complete(measure(url, mode, f"bench{batch}", batch, args.load, pool, args.clients)):
+            print("ROW " + json.dumps(row), flush=True)
+        serve.delete(f"bench{batch}")
+    if pool is not None:
+        pool.shutdown()
+    serve.shutdown()
+    ray.shutdown()
+
+
+def run_child(args, throughput: bool) -> list[dict]:
+    env = dict(os.environ, **(THROUGHPUT_ENV if throughput else {}))
+    for key in THROUGHPUT_ENV if not throughput else ():
+        env.pop(key, None)
+    mode = "throughput" if throughput else "default"
+    cmd = [sys.executable, __file__, "--http-only", "--artifacts", args.artifacts, "--num-gpus", str(args.num_gpus),
+           "--batches", *map(str, args.batches), "--clients", str(args.clients), "--load", *(f"{c}:{n}" for c, n in args.load)]
+    log = OUT / f"child_{mode}.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=args.child_timeout)
+        except subprocess.TimeoutExpired:
+            print(f"[{mode}] child over {args.child_timeout} s: stopping it", flush=True)
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    lines = log.read_text().splitlines()
+    for line in lines:
+        if not line.startswith("ROW ") and line.startswith("["):
+            print(line, flush=True)
+    if proc.returncode:
+        print(f"[{mode}] child rc={proc.returncode}; last lines:\n" + "\n".join(lines[-25:]), flush=True)
+    return [json.loads(line[4:]) for line in lines if line.startswith("ROW ")]
+
+
+def pair(text: str) -> tuple[int, int]:
+    conc, requests = text.split(":")
+    return int(conc), int(requests)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--artifacts", default="artifacts/gpu_http")
+    parser.add_argument("--num-gpus", type=float, default=0.5)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 64])
+    parser.add_argument("--load", type=pair, nargs="+", default=[(1, 300), (256, 3000)],
+                        help="concurrency:requests pairs")
+    parser.add_argument("--modes", nargs="+", default=["default", "throughput"])
+    parser.add_argument("--clients", type=int, default=8,
+                        help="client processes sharing the load above concurrency 1 (1: one asyncio client)")
+    parser.add_argument("--child-timeout", type=int, default=230)
+    parser.add_argument("--http-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.artifacts = str(Path(args.artifacts).resolve())
+    if args.http_only:
+        http_child(args)
+        return
+    OUT.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    import onnxruntime as ort
+    import ray
+
+    use_gpu = args.num_gpus > 0
+    entry = ensure_artifact(args.artifacts, model_config(args.num_gpus))
+    result = {"onnxruntime": ort.__version__, "ray": ray.__version__, "python": sys.version.split()[0],
+              "gpu": subprocess.run("nvidia-smi --query-gpu=name,driver_version --format=csv,noheader -i 0",
+                                    shell=True, capture_output=True, text=True).stdout.strip() or "none",
+              "cpus": os.cpu_count(), "parity_max_abs_diff": entry.parity.max_abs_diff}
+    if use_gpu:
+        result["bare_process_provider_without_preload"] = cuda_ep_without_preload(args.artifacts, entry)
+    result["kernel"] = kernel(args.artifacts, entry, use_gpu)
+    print(json.dumps(result), flush=True)
+    rows = []
+    for mode in args.modes:
+        rows += run_child(args, mode == "throughput")
+        result["rows"] = rows
+        (OUT / "gpu_http.json").write_text(json.dumps(result, indent=1))
+    model_ms = result["kernel"]["one_text_p50_ms"]
+    base = {(r["mode"], r["concurrency"]): r["req_s"] for r in rows if r["max_batch_size"] == 1}
+    table_rows = []
+    for r in rows:
+        speedup = r["req_s"] / base[(r["mode"], r["concurrency"])] if (r["mode"], r["concurrency"]) in base else None
+        path = f"{r['p50_ms'] - model_ms:.2f}" if r["concurrency"] == 1 else "-"
+        table_rows.append((r["mode"], r["max_batch_size"], r["concurrency"], r.get("clients", 1), r["requests"], f"{r['req_s']:.0f}",
+                           f"{speedup:.1f}x" if speedup else "-", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
+                           f"{r['max_ms']:.0f}", f"{r['mean_batch']:.1f}", r["non_200"], path))
+    result["wall_s"] = time.perf_counter() - t0
+    (OUT / "gpu_http.json").write_text(json.dumps(result, indent=1))
+    k = result["kernel"]
+    print(f"\n{MODEL}, {result['gpu']}, onnxruntime {result['onnxruntime']}, ray {result['ray']}; "
+          f"session providers {k['providers']}; model alone (prepare+run, 1 text) p50 {k['one_text_p50_ms']:.3f} ms, "
+          f"min {k['one_text_min_ms']:.3f} ms; 32 texts {k['batch32_p50_ms']:.3f} ms; "
+          f"bare process without preload_dlls: {result.get('bare_process_provider_without_preload', '-')}; "
+          f"wall {result['wall_s']:.0f} s")
+    print(table(table_rows, ("serve mode", "max_batch_size", "conc", "clients", "requests", "req/s", "vs batch 1", "p50 ms",
+                             "p99 ms", "max ms", "mean batch", "non-200", "path cost ms (p50 - model)")))
+
+
+if __name__ == "__main__":
+    main()
