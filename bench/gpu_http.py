@@ -123,7 +123,7 @@ def http_child(args) -> None:
     from export_jobs import manifest
     from export_jobs.config import ProjectConfig
     from serve_app.app import build
-    from serve_app.settings import AppConfig
+    from serve_app.settings import AppConfig, ServerSettings
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import free_port
@@ -147,7 +147,8 @@ def http_child(args) -> None:
     loop = asyncio.new_event_loop()  # one loop for all: handles stay bound to the loop they first ran in
     for batch in args.batches:
         model = model_config(args.num_gpus, batch)
-        app = build(AppConfig(project=ProjectConfig(artifacts=args.artifacts, models=(model,))),
+        app = build(AppConfig(project=ProjectConfig(artifacts=args.artifacts, models=(model,)),
+                              server=ServerSettings(ingress_replicas=args.ingress_replicas)),
                     manifest.load(args.artifacts))
         start = time.perf_counter()
         serve.run(app, name=f"bench{batch}", route_prefix="/")
@@ -168,7 +169,8 @@ def run_child(args, throughput: bool) -> list[dict]:
         env.pop(key, None)
     mode = "throughput" if throughput else "default"
     cmd = [sys.executable, __file__, "--http-only", "--artifacts", args.artifacts, "--num-gpus", str(args.num_gpus),
-           "--batches", *map(str, args.batches), "--clients", str(args.clients), "--load", *(f"{c}:{n}" for c, n in args.load)]
+           "--batches", *map(str, args.batches), "--clients", str(args.clients),
+           "--ingress-replicas", str(args.ingress_replicas), "--load", *(f"{c}:{n}" for c, n in args.load)]
     log = OUT / f"child_{mode}.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
@@ -204,6 +206,7 @@ def main() -> None:
     parser.add_argument("--load", type=pair, nargs="+", default=[(1, 300), (256, 3000)],
                         help="concurrency:requests pairs")
     parser.add_argument("--modes", nargs="+", default=["default", "throughput"])
+    parser.add_argument("--ingress-replicas", type=int, default=1, help="server.ingress_replicas")
     parser.add_argument("--clients", type=int, default=8,
                         help="client processes sharing the load above concurrency 1 (1: one asyncio client)")
     parser.add_argument("--child-timeout", type=int, default=230)

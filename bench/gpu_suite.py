@@ -2,13 +2,16 @@
 
 (a) bert-base shapes + mean pooling, batch 1 x 6 and 64 x 128: torch eager fp32 / fp16 /
     torch.compile(reduce-overhead) fp16 vs ONNX Runtime CUDA fp32, fused fp16 (both IO binding),
-    fused fp16 + CUDA graphs, TensorRT EP if it loads; parity of each vs torch fp32.
-(b) GPT-Neo 1.3B shapes, random weights, fp16: transformers generate() vs our ONNX decode loop
-    (serve_app.generation, KV cache kept on the GPU) at batch 1 and 32, ms/token.
+    fused fp16 + CUDA graphs, fused fp16 in packing mode (padding removed), TensorRT EP if it
+    loads; parity of each vs torch fp32.
+(b) GPT-Neo 1.3B shapes, random weights, fp16: transformers generate() vs our ONNX decode loops
+    at batch 1 and 32, ms/token: the dynamic-cache graph (serve_app.generation) and the
+    static-cache GQA graph (serve_app.static_generation), with and without CUDA graphs.
+(c) GPT-Neo local attention on this EP: tiny model, prompts past the window, greedy vs transformers.
 
 Each section is guarded: a failure prints its error and the suite goes on.
 
-    python bench/gpu_suite.py [--sections embed gptneo] [--tiny --device cpu]
+    python bench/gpu_suite.py [--sections window embed gptneo] [--max-length 2048] [--tiny --device cpu]
 """
 from __future__ import annotations
 
@@ -144,6 +147,13 @@ def export_bert(model, directory: Path) -> tuple[Path, Path, dict]:
     fp16 = directory / "bert.fp16.onnx"
     figures = apply_speed_option(fp32, fp16, SpeedOption.fp16, model.config)
     figures["export_s"] = round(exported, 1)
+    try:
+        from export_jobs.packing import to_packing_mode
+
+        packed = directory / "bert.fp16.packed.onnx"
+        figures["packing"] = to_packing_mode(fp16, packed)["after"]
+    except Exception as exc:  # noqa: BLE001 - the suite reports it and goes on
+        figures["packing_error"] = f"{type(exc).__name__}: {exc}"
     return fp32, fp16, figures
 
 
@@ -160,7 +170,8 @@ def section_embeddings(args) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="gpu-suite-"))
     fp32_path, fp16_path, figures = export_bert(model, tmp)
     RESULTS["embeddings"] = {"config": "tiny" if args.tiny else "bert-base", "optimizer": figures, "shapes": {}}
-    print(f"[embed] exported in {figures['export_s']} s; fused operators {figures['fusions']}", flush=True)
+    print(f"[embed] exported in {figures['export_s']} s; fused operators {figures['fusions']}; "
+          f"packing {figures.get('packing') or figures.get('packing_error')}", flush=True)
 
     fp32_torch = MeanPooled(model).to(dev)
     fp16_torch = MeanPooled(BertModel(config, add_pooling_layer=False).eval()).to(dev)
@@ -196,6 +207,13 @@ def section_embeddings(args) -> None:
                     "ORT fused fp16 + IO binding": (fp16_path, {})}
         if device == "cuda":
             sessions["ORT fused fp16 + CUDA graph"] = (fp16_path, {"enable_cuda_graph": True})
+            for kernel, label in ((4, "TensorRT fused MHA"), (2, "memory-efficient"), (16, "unfused math")):
+                # ORT's sdpa_kernel option pins the attention kernel (default: ORT's own choice)
+                sessions[f"ORT fused fp16 + CUDA graph, {label} attention"] = (
+                    fp16_path, {"enable_cuda_graph": True, "sdpa_kernel": kernel})
+            packed = fp16_path.with_name("bert.fp16.packed.onnx")
+            if packed.exists():  # padding removed before the first layer: GEMMs see real tokens only
+                sessions["ORT fused fp16 packed + IO binding"] = (packed, {})
         for name, (path, options) in sessions.items():
             try:
                 bound = OrtBound(path, feeds, dim, device, **options)
@@ -247,24 +265,13 @@ def section_embeddings(args) -> None:
 # --- (b) GPT-Neo decode -------------------------------------------------------------------
 
 
-def _load_module(name: str, path: Path):
-    """serve_app/generation.py alone (numpy + onnxruntime): serve_app/__init__ pulls in Ray Serve."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def section_gptneo(args) -> None:
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
     from export_jobs.decoder_export import export_decoder
-    generation = _load_module("serve_app_generation", Path(__file__).resolve().parents[1] / "serve_app" / "generation.py")
-    DecoderSession, SamplingParams, generate_all = (generation.DecoderSession, generation.SamplingParams,
-                                                    generation.generate_all)
+    from export_jobs.static_decoder import export_static_decoder
+    from serve_app.generation import DecoderSession, SamplingParams, generate_all
+    from serve_app.static_generation import StaticDecoderSession, generate_all_static
 
     device = args.device
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -306,78 +313,130 @@ def section_gptneo(args) -> None:
         _, out = run(new)
         return (long - short) / (new - 1) * 1000, out[0, prompt_len:].tolist(), ids.cpu().numpy()
 
-    onnx_session = None
+    variants: dict = {}  # name -> fn(prompts, n) -> tokens per row
+    tmp = Path(tempfile.mkdtemp(prefix="gptneo-"))
     try:
-        tmp = Path(tempfile.mkdtemp(prefix="gptneo-"))
         start = time.perf_counter()
-        info = export_decoder(model, tmp / "model.onnx")
+        info = export_decoder(model, tmp / "dynamic" / "model.onnx")
         record["export_s"] = round(time.perf_counter() - start, 1)
-        opts = ort.SessionOptions()
-        onnx_session = DecoderSession(tmp / "model.onnx", info, providers=providers(device), session_options=opts)
-        record["onnx_providers"] = onnx_session.session.get_providers()
-        record["onnx_on_cuda_kv"] = onnx_session.on_cuda
+        dynamic = DecoderSession(tmp / "dynamic" / "model.onnx", info, providers=providers(device))
+        variants["ONNX decode loop (IO binding)"] = lambda prompts, n: generate_all(
+            dynamic, prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
         print(f"[gptneo] exported ({info.exporter}, {info.dtype}) in {record['export_s']} s", flush=True)
     except Exception as exc:  # noqa: BLE001
         record["onnx_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
         traceback.print_exc()
+    try:
+        start = time.perf_counter()
+        export_static_decoder(model, tmp / "static" / "model.onnx", max_length=args.max_length)
+        record["static_export_s"] = round(time.perf_counter() - start, 1)
+        print(f"[gptneo] static-cache GQA graph exported in {record['static_export_s']} s", flush=True)
+        for name, graph in (("static cache + GQA + CUDA graph", True), ("static cache + GQA", False)):
+            if graph and device != "cuda":
+                continue
+            session = StaticDecoderSession(tmp / "static" / "model.onnx", providers=providers(device),
+                                           cuda_graph=graph, max_batch=32)
+            variants[f"ONNX {name}"] = (lambda sess: lambda prompts, n: generate_all_static(
+                sess, prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)))(session)
+    except Exception as exc:  # noqa: BLE001
+        record["static_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+        traceback.print_exc()
 
-    def onnx_ms_per_token(prompts) -> tuple[float, list[int]]:
+    def onnx_ms_per_token(fn, prompts) -> tuple[float, list[int]]:
         prompts = [list(map(int, p)) for p in prompts]
 
         def run(n):
             t0 = time.perf_counter()
-            out = generate_all(onnx_session, prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+            out = fn(prompts, n)
             return time.perf_counter() - t0, out
 
-        run(4)
-        long = statistics.median(run(new)[0] for _ in range(2))
-        short = statistics.median(run(1)[0] for _ in range(3))
+        run(4)  # warm-up (captures the CUDA graphs)
+        long = statistics.median(run(new)[0] for _ in range(3))
+        short = statistics.median(run(1)[0] for _ in range(5))
         _, out = run(new)
-        return (long - short) / (new - 1) * 1000, out[0]
+        return (long - short) / (new - 1) * 1000, out
 
-    rows = []
+    names = ["transformers generate()", *variants]
     for batch in (1, 32):
         row = {}
         try:
             with torch.inference_mode():
-                row["hf_ms_per_token"], hf_tokens, prompts = hf_ms_per_token(batch)
+                row["transformers generate()"], hf_tokens, prompts = hf_ms_per_token(batch)
         except Exception as exc:  # noqa: BLE001
-            row["hf_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            row["transformers generate() error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             prompts = rng.integers(10, config.vocab_size, (batch, prompt_len))
             hf_tokens = None
-        if onnx_session is not None:
+        for name, fn in variants.items():
             try:
-                row["onnx_ms_per_token"], onnx_tokens = onnx_ms_per_token(prompts)
+                row[name], tokens = onnx_ms_per_token(fn, prompts)
                 if hf_tokens is not None:
-                    same = next((i for i, (a, b) in enumerate(zip(hf_tokens, onnx_tokens)) if a != b), len(hf_tokens))
-                    row["greedy_tokens_agree_row0"] = f"{same}/{len(hf_tokens)}"
+                    same = next((i for i, (a, b) in enumerate(zip(hf_tokens, tokens[0])) if a != b), len(hf_tokens))
+                    row[f"{name} greedy agree row 0"] = f"{same}/{len(hf_tokens)}"
             except Exception as exc:  # noqa: BLE001
-                row["onnx_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                row[f"{name} error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 traceback.print_exc()
         record["rows"][batch] = row
         emit(args)
-    for name, key in (("transformers generate()", "hf_ms_per_token"), ("ONNX decode loop (IO binding)", "onnx_ms_per_token")):
-        b1, b32 = record["rows"][1].get(key), record["rows"][32].get(key)
-        rows.append((name, f"{b1:.2f}" if b1 else "-", f"{b32:.2f}" if b32 else "-",
-                     f"{b32 / b1:.2f}" if b1 and b32 else "-"))
-    agree = record["rows"][1].get("greedy_tokens_agree_row0", "-")
+    rows = []
+    b1_hf = record["rows"][1].get("transformers generate()")
+    for name in names:
+        b1, b32 = record["rows"][1].get(name), record["rows"][32].get(name)
+        rows.append((name, f"{b1:.2f}" if b1 else "-", f"{b1_hf / b1:.1f}x" if b1 and b1_hf else "-",
+                     f"{b32:.2f}" if b32 else "-", f"{b32 / b1:.2f}" if b1 and b32 else "-",
+                     record["rows"][1].get(f"{name} greedy agree row 0", "-")))
     print(f"\n(b) GPT-Neo {'tiny' if args.tiny else '1.3B shapes'}, random weights, {dtype}, prompt {prompt_len}, "
-          f"{new} new tokens; ms per decode step = (t[{new}] - t[1]) / {new - 1}; "
-          f"greedy tokens ONNX = HF at batch 1: {agree}")
-    print(table(rows, ("decoder", "batch 1 ms/token", "batch 32 ms/step", "batch32/batch1")), flush=True)
+          f"{new} new tokens; ms per decode step = (t[{new}] - t[1]) / {new - 1}; static cache {args.max_length} slots")
+    print(table(rows, ("decoder", "batch 1 ms/token", "vs generate()", "batch 32 ms/step", "batch32/batch1",
+                       "greedy = HF (batch 1)")), flush=True)
     for batch, row in record["rows"].items():
         for k, v in row.items():
             if k.endswith("error"):
                 print(f"  batch {batch} {k}: {v}")
-    if "onnx_error" in record:
-        print(f"  export/session error: {record['onnx_error']}")
+    for key in ("onnx_error", "static_error"):
+        if key in record:
+            print(f"  {key}: {record[key]}")
+
+
+def section_window(args) -> None:
+    """GPT-Neo local attention on this EP: tiny fp16/fp32 model, prompts past the window, greedy vs transformers."""
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    from export_jobs.decoder_validate import default_prompts, transformers_greedy
+    from export_jobs.static_decoder import export_static_decoder
+    from serve_app.generation import SamplingParams
+    from serve_app.static_generation import StaticDecoderSession, generate_all_static
+
+    config = GPTNeoConfig(vocab_size=1000, hidden_size=256, num_layers=4, num_heads=2, window_size=8,
+                          attention_types=[[["global", "local"], 2]], max_position_embeddings=512,
+                          eos_token_id=None, bos_token_id=None)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = GPTNeoForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    prompts = default_prompts(model)
+    expected = [transformers_greedy(model, [p], 32, 0)[0] for p in prompts]
+    dtype = torch.float16 if args.device == "cuda" else torch.float32
+    tmp = Path(tempfile.mkdtemp(prefix="window-"))
+    export_static_decoder(model.to(args.device).to(dtype), tmp / "model.onnx", max_length=128)
+    rows, record = [], {}
+    for graph in ((True, False) if args.device == "cuda" else (False,)):
+        session = StaticDecoderSession(tmp / "model.onnx", providers=providers(args.device), cuda_graph=graph,
+                                       max_batch=4)
+        got = generate_all_static(session, prompts, SamplingParams(max_tokens=32, temperature=0))
+        agree = [next((i for i, (a, b) in enumerate(zip(e, g)) if a != b), len(e)) for e, g in zip(expected, got)]
+        record[f"cuda_graph={graph}"] = agree
+        rows.append((f"static GQA {dtype}, cuda graph {graph}", str([len(p) for p in prompts]), f"{agree}/32"))
+    RESULTS["gptneo_window"] = record
+    print("\n(c) GPT-Neo local attention (window 8), right-padded batch of 2, 32 greedy tokens vs transformers fp32")
+    print(table(rows, ("variant", "prompt lengths", "tokens equal")), flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--tiny", action="store_true", help="tiny configs: checks the script's logic fast")
-    parser.add_argument("--sections", nargs="+", default=["embed", "gptneo"])
+    parser.add_argument("--sections", nargs="+", default=["window", "embed", "gptneo"])
+    parser.add_argument("--max-length", type=int, default=2048, help="static KV cache slots (GPT-Neo's context)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=40)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -390,7 +449,7 @@ def main() -> None:
                       "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
                       "ort_providers": ort.get_available_providers(), "argv": sys.argv[1:]}
     print(json.dumps(RESULTS["env"]), flush=True)
-    sections = {"embed": section_embeddings, "gptneo": section_gptneo}
+    sections = {"embed": section_embeddings, "gptneo": section_gptneo, "window": section_window}
     for name in args.sections:
         start = time.perf_counter()
         try:

@@ -197,17 +197,8 @@ def generate(session: DecoderSession, prompts_token_ids: Sequence[Sequence[int]]
             last = last.copy()
             last[:, stop_ids] = -np.inf  # as transformers' MinNewTokensLengthLogitsProcessor
         tokens = sample_next(last, params, rng)
-        emitted: list[int | None] = []
-        for row in range(batch):
-            if reasons[row] is not None:
-                emitted.append(None)
-                continue
-            emitted.append(int(tokens[row]))
-            if tokens[row] in stop_ids:
-                reasons[row] = "stop"
-            elif step == params.max_tokens - 1:
-                reasons[row] = "length"
-        yield StepOutput(step, tuple(emitted), tuple(reasons))
+        emitted = row_updates(tokens, reasons, stop_ids, final=step == params.max_tokens - 1)
+        yield StepOutput(step, emitted, tuple(reasons))
         if all(r is not None for r in reasons):
             return
         # finished rows keep running (their rows are independent) on the pad token
@@ -217,12 +208,33 @@ def generate(session: DecoderSession, prompts_token_ids: Sequence[Sequence[int]]
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
 
 
-def generate_all(session: DecoderSession, prompts_token_ids: Sequence[Sequence[int]], params: SamplingParams,
-                 pad_token_id: int | None = None) -> list[list[int]]:
-    """Run `generate` to the end; new tokens per prompt (stop/EOS token included, as generate() does)."""
-    out: list[list[int]] = [[] for _ in prompts_token_ids]
-    for step in generate(session, prompts_token_ids, params, pad_token_id):
+def row_updates(tokens: np.ndarray, reasons: list[str | None], stop_ids: np.ndarray,
+                final: bool) -> tuple[int | None, ...]:
+    """This step's token per row (None where the row had finished); marks rows that finish now."""
+    emitted: list[int | None] = []
+    for row, reason in enumerate(reasons):
+        if reason is not None:
+            emitted.append(None)
+            continue
+        emitted.append(int(tokens[row]))
+        if tokens[row] in stop_ids:
+            reasons[row] = "stop"
+        elif final:
+            reasons[row] = "length"
+    return tuple(emitted)
+
+
+def collect(steps: Iterator[StepOutput], rows: int) -> list[list[int]]:
+    """Run a step iterator to the end; new tokens per row (stop/EOS token included, as generate() does)."""
+    out: list[list[int]] = [[] for _ in range(rows)]
+    for step in steps:
         for row, tok in enumerate(step.token_ids):
             if tok is not None:
                 out[row].append(tok)
     return out
+
+
+def generate_all(session: DecoderSession, prompts_token_ids: Sequence[Sequence[int]], params: SamplingParams,
+                 pad_token_id: int | None = None) -> list[list[int]]:
+    """Run `generate` to the end; new tokens per prompt."""
+    return collect(generate(session, prompts_token_ids, params, pad_token_id), len(prompts_token_ids))

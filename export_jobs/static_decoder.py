@@ -1,0 +1,277 @@
+"""Causal LM -> a decoder graph built for ONNX Runtime's fast path (the `fused` speed option).
+
+Every attention is one `com.microsoft.GroupQueryAttention` node over a static KV cache: past and
+present are the same preallocated buffer [batch, kv_heads, max_length, head_dim], which GQA
+writes in place (no concatenation, no reallocation per step). Nothing in the graph reads a
+shape, so every node stays on the CUDA EP and a decode step (fixed shapes) can be captured as
+one CUDA graph. The graph also picks each row's last real position and returns its logits and
+greedy token, so a decode step moves a few bytes to the host instead of the whole logits.
+
+Inputs:  input_ids [b, s] int64, position_ids [b, s] int64 (absent for RoPE models: GQA rotates),
+         seqlens_k [b] int32 (tokens in the cache after this call, minus 1, per row),
+         total_sequence_length [] int32 (the longest of those + 1; read on the host),
+         last_index [b, 1] int64 (position in this call whose logits come out: len-1 at prefill, 0 after),
+         past.{i}.key / .value [b, kv_heads, max_length, head_dim]
+Outputs: logits [b, vocab] float32, next_token [b] int64, present.{i}.key / .value (same buffers)
+
+Prompts are right-padded (GQA reads each row's length from seqlens_k; the cache slots after a
+short row's end are overwritten by its own next tokens before anything reads them).
+Supported: GPT-Neo (local layers: local_window_size = window_size, scale 1), GPT-2, LLaMA-style
+(RoPE inside GQA from cos/sin tables, grouped KV heads).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import onnx
+import torch
+
+from .decoder_export import TWO_GB, _eos_ids
+
+INFO_FILE = "static_decoder.json"
+SUPPORTED = ("gpt_neo", "gpt2", "llama", "mistral", "qwen2")
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticDecoderInfo:
+    model_type: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_length: int  # cache slots; also the longest prompt + generation the graph serves
+    eos_token_ids: tuple[int, ...]
+    dtype: str  # KV cache dtype (numpy name)
+    opset: int
+    external_data: bool
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / INFO_FILE
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "StaticDecoderInfo":
+        raw = json.loads((Path(directory) / INFO_FILE).read_text())
+        raw["eos_token_ids"] = tuple(raw["eos_token_ids"])
+        return cls(**raw)
+
+
+def io_names(num_layers: int, positions: bool = True) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """positions: False for RoPE models, whose GQA node derives positions from seqlens_k itself."""
+    past = [f"past.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    first = ("input_ids", "position_ids") if positions else ("input_ids",)
+    return ((*first, "seqlens_k", "total_sequence_length", "last_index", *past),
+            ("logits", "next_token", *present))
+
+
+# --- ONNX Runtime contrib ops, traced through autograd Functions -------------------------
+
+
+class _GroupQueryAttention(torch.autograd.Function):
+    """Traced as one GQA node; the torch forward only has to give the right shapes."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, past_k, past_v, seqlens_k, total, cos, sin, attrs):  # noqa: ARG004
+        return q.clone(), past_k.clone(), past_v.clone()
+
+    @staticmethod
+    def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total, cos, sin, attrs):
+        num_heads, kv_heads, scale, window, rotary = attrs
+        extra = (cos, sin) if rotary else ()
+        out, pk, pv = g.op("com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k, total, *extra,
+                           num_heads_i=num_heads, kv_num_heads_i=kv_heads, scale_f=scale,
+                           local_window_size_i=window, do_rotary_i=int(rotary), rotary_interleaved_i=0, outputs=3)
+        out.setType(q.type())
+        pk.setType(past_k.type())
+        pv.setType(past_v.type())
+        return out, pk, pv
+
+
+class _GatherLast(torch.autograd.Function):
+    """hidden [b, s, h], index [b, 1] -> hidden[row, index[row]]: GatherND(batch_dims=1), no shape ops."""
+
+    @staticmethod
+    def forward(ctx, hidden, index):  # noqa: ARG004
+        return hidden[torch.arange(hidden.shape[0]), index[:, 0]]
+
+    @staticmethod
+    def symbolic(g, hidden, index):
+        return g.op("GatherND", hidden, index, batch_dims_i=1)
+
+
+# --- per-architecture blocks -------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Layer:
+    norm1: torch.nn.Module
+    qkv: object  # x -> (q, k, v), each [b, s, heads * head_dim]
+    out: torch.nn.Module
+    norm2: torch.nn.Module
+    mlp: torch.nn.Module
+    # GQA local_window_size: -1 global. ONNX Runtime's kernels (CPU 1.32, CUDA 1.31) let a query see
+    # local_window_size keys ending at its own: GPT-Neo's window_size exactly (the gate proves it).
+    window: int
+
+
+class _StaticDecoder(torch.nn.Module):
+    def __init__(self, model, max_length: int):
+        super().__init__()
+        self.model = model
+        config = model.config
+        kind = config.model_type
+        if kind not in SUPPORTED:
+            raise ValueError(f"the static-cache decoder supports {', '.join(SUPPORTED)}, not {kind!r}")
+        self.kind = kind
+        self.rotary = kind not in ("gpt_neo", "gpt2")
+        if kind == "gpt_neo":
+            base = model.transformer
+            self.heads = self.kv_heads = config.num_heads
+            self.head_dim = config.hidden_size // config.num_heads
+            self.scale = 1.0  # GPT-Neo does not scale its attention scores
+            self.layers = [_Layer(b.ln_1, self._separate(b.attn.attention), b.attn.attention.out_proj, b.ln_2, b.mlp,
+                                  config.window_size if kind_ == "local" else -1)
+                           for b, kind_ in zip(base.h, config.attention_layers)]
+            self.final_norm = base.ln_f
+        elif kind == "gpt2":
+            base = model.transformer
+            if getattr(config, "scale_attn_by_inverse_layer_idx", False) or getattr(config, "reorder_and_upcast_attn", False):
+                raise ValueError("gpt2 with scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn is not supported")
+            self.heads = self.kv_heads = config.n_head
+            self.head_dim = config.n_embd // config.n_head
+            self.scale = 1 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0
+            self.layers = [_Layer(b.ln_1, self._fused_qkv(b.attn.c_attn, config.n_embd), b.attn.c_proj, b.ln_2, b.mlp, -1)
+                           for b in base.h]
+            self.final_norm = base.ln_f
+        else:
+            base = model.model
+            self.heads = config.num_attention_heads
+            self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+            self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+            self.scale = 1 / math.sqrt(self.head_dim)
+            window = getattr(config, "sliding_window", None)
+            if window and getattr(config, "use_sliding_window", kind == "mistral"):
+                raise ValueError("sliding-window LLaMA-style models are not supported by the static-cache decoder yet")
+            self.layers = [_Layer(b.input_layernorm, self._separate(b.self_attn), b.self_attn.o_proj,
+                                  b.post_attention_layernorm, b.mlp, -1) for b in base.layers]
+            for b in base.layers:
+                if getattr(b.self_attn, "q_norm", None) is not None:
+                    raise ValueError("attention with q/k norms (Qwen3) is not supported by the static-cache decoder")
+            self.final_norm = base.norm
+            self._rope_tables(base, max_length)
+        self.base = base
+        self.lm_head = model.lm_head
+        self.max_length = max_length
+
+    @staticmethod
+    def _separate(attn):
+        return lambda x: (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+
+    @staticmethod
+    def _fused_qkv(c_attn, width):
+        return lambda x: c_attn(x).split(width, dim=2)
+
+    def _rope_tables(self, base, max_length):
+        """cos/sin [max_length, rotary_dim / 2] from the model's own rotary embedding (its scaling included)."""
+        positions = torch.arange(max_length, device=self.model.device)[None]
+        probe = torch.zeros(1, dtype=self.model.dtype, device=self.model.device)
+        cos, sin = base.rotary_emb(probe, positions)
+        half = cos.shape[-1] // 2
+        if not torch.equal(cos[..., :half], cos[..., half:]):
+            raise ValueError("this model's rotary embedding is not the rotate-half layout GQA implements")
+        self.register_buffer("cos", cos[0, :, :half].contiguous(), persistent=False)
+        self.register_buffer("sin", sin[0, :, :half].contiguous(), persistent=False)
+
+    def embed(self, input_ids, position_ids):
+        if self.kind in ("gpt_neo", "gpt2"):
+            return self.base.wte(input_ids) + self.base.wpe(position_ids)
+        return self.base.embed_tokens(input_ids)
+
+    def forward(self, input_ids, *rest):
+        """(input_ids, [position_ids,] seqlens_k, total_sequence_length, last_index, *past): see io_names."""
+        position_ids, rest = (None, rest) if self.rotary else (rest[0], rest[1:])
+        seqlens_k, total_sequence_length, last_index, *past = rest
+        hidden = self.embed(input_ids, position_ids)
+        cos, sin = (self.cos, self.sin) if self.rotary else (seqlens_k, seqlens_k)  # unused without rotary
+        present = []
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.qkv(layer.norm1(hidden))
+            attrs = (self.heads, self.kv_heads, self.scale, layer.window, self.rotary)
+            attn, pk, pv = _GroupQueryAttention.apply(q, k, v, past[2 * i], past[2 * i + 1], seqlens_k,
+                                                      total_sequence_length, cos, sin, attrs)
+            hidden = hidden + layer.out(attn)
+            hidden = hidden + layer.mlp(layer.norm2(hidden))
+            present += [pk, pv]
+        last = _GatherLast.apply(self.final_norm(hidden), last_index)
+        logits = self.lm_head(last).float()
+        return (logits, logits.argmax(-1), *present)
+
+
+def _example_inputs(wrapper: _StaticDecoder, batch: int = 2, seq: int = 3):
+    device, dtype = wrapper.model.device, wrapper.model.dtype
+    ids = torch.randint(0, wrapper.model.config.vocab_size, (batch, seq), device=device)
+    pos = torch.arange(seq, device=device).expand(batch, seq).contiguous()
+    seqlens = torch.full((batch,), seq - 1, dtype=torch.int32, device=device)
+    total = torch.tensor(seq, dtype=torch.int32)
+    last = torch.full((batch, 1), seq - 1, dtype=torch.int64, device=device)
+    shape = (batch, wrapper.kv_heads, wrapper.max_length, wrapper.head_dim)
+    past = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2 * len(wrapper.layers))]
+    return (ids, *(() if wrapper.rotary else (pos,)), seqlens, total, last, *past)
+
+
+def _dynamic_axes(input_names, output_names):
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "position_ids": {0: "batch", 1: "sequence"},
+            "seqlens_k": {0: "batch"}, "last_index": {0: "batch"}, "logits": {0: "batch"},
+            "next_token": {0: "batch"}}
+    for name in (*input_names[-len(output_names) + 2:], *output_names[2:]):
+        axes[name] = {0: "batch", 2: "max_length"}
+    return {name: axis for name, axis in axes.items() if name in input_names or name in output_names}
+
+
+def export_static_decoder(model, out_path: str | Path, max_length: int, opset: int = 18,
+                          external_data: bool | None = None) -> StaticDecoderInfo:
+    """Export `model` (a transformers causal LM in eval mode, any dtype/device) to `out_path`.
+
+    The cache length is not baked in (a dynamic axis), but RoPE tables are, so `max_length`
+    bounds what the graph can serve. Writes static_decoder.json beside the graph.
+    """
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = _StaticDecoder(model, max_length).eval()
+    input_names, output_names = io_names(len(wrapper.layers), positions=not wrapper.rotary)
+    if external_data is None:
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        external_data = size > TWO_GB - 256 * 2**20
+    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp, torch.no_grad():
+        raw = Path(tmp) / "raw.onnx"
+        torch.onnx.export(wrapper, _example_inputs(wrapper), str(raw), input_names=list(input_names),
+                          output_names=list(output_names), dynamic_axes=_dynamic_axes(input_names, output_names),
+                          opset_version=opset, do_constant_folding=True, dynamo=False,
+                          custom_opsets={"com.microsoft": 1})
+        proto = onnx.load(str(raw), load_external_data=True)
+        got = tuple(i.name for i in proto.graph.input), tuple(o.name for o in proto.graph.output)
+        if got != (input_names, output_names):
+            raise RuntimeError(f"static decoder io mismatch: {got[0][:6]}..., {got[1][:3]}...")
+        data_name = out_path.name + ".data"
+        for stale in (out_path, out_path.parent / data_name):
+            stale.unlink(missing_ok=True)
+        if external_data:
+            onnx.save_model(proto, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+        else:
+            onnx.save_model(proto, str(out_path))
+    info = StaticDecoderInfo(
+        model_type=model.config.model_type, num_layers=len(wrapper.layers), num_heads=wrapper.heads,
+        num_kv_heads=wrapper.kv_heads, head_dim=wrapper.head_dim, vocab_size=model.config.vocab_size,
+        max_length=int(max_length), eos_token_ids=_eos_ids(model), dtype=str(model.dtype).removeprefix("torch."),
+        opset=opset, external_data=bool(external_data),
+    )
+    info.save(out_path.parent)
+    return info

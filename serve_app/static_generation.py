@@ -1,0 +1,186 @@
+"""Decode loop over a static-cache decoder graph (export_jobs/static_decoder.py).
+
+numpy + onnxruntime only. The KV cache is one preallocated buffer per batch bucket (1, 2, 4, ...),
+bound as both past and present, so GQA writes each step's keys and values in place. A decode
+step's inputs live in fixed buffers too; on the CUDA EP with `cuda_graph=True` each bucket's
+decode step is captured once as a CUDA graph and replayed (ONNX Runtime's `gpu_graph_id`),
+which removes the per-kernel launch cost that dominates small-batch decoding. The prefill
+(variable length) runs uncaptured. Greedy decoding reads only the graph's `next_token` (8 bytes
+a row) back to the host; sampling reads the last position's logits.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .generation import SamplingParams, StepOutput, collect, row_updates, sample_next
+
+INFO_FILE = "static_decoder.json"  # written by export_jobs.static_decoder
+
+
+class _Bucket:
+    """Buffers for one batch size: the KV cache, a decode step's inputs and outputs, and a binding."""
+
+    def __init__(self, session: "StaticDecoderSession", batch: int):
+        self.batch = batch
+        where = session.device
+        shape = (batch, session.num_kv_heads, session.max_length, session.head_dim)
+        self.cache = [ort.OrtValue.ortvalue_from_shape_and_type(shape, session.dtype, *where)
+                      for _ in session.past_names]
+        self.input_ids = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1), np.int64, *where)
+        self.position_ids = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1), np.int64, *where)
+        self.seqlens_k = ort.OrtValue.ortvalue_from_shape_and_type((batch,), np.int32, *where)
+        self.last_index = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1), np.int64), *where)
+        self.total = ort.OrtValue.ortvalue_from_shape_and_type((), np.int32, "cpu", 0)  # GQA reads it on the host
+        self.logits = ort.OrtValue.ortvalue_from_shape_and_type((batch, session.vocab_size), np.float32, *where)
+        self.next_token = ort.OrtValue.ortvalue_from_shape_and_type((batch,), np.int64, *where)
+        self.decode = session.session.io_binding()
+        for name, value in (("input_ids", self.input_ids), ("position_ids", self.position_ids),
+                            ("seqlens_k", self.seqlens_k), ("total_sequence_length", self.total),
+                            ("last_index", self.last_index)):
+            if name in session.input_names:
+                self.decode.bind_ortvalue_input(name, value)
+        self._bind_cache_and_outputs(session, self.decode)
+
+    def _bind_cache_and_outputs(self, session, binding) -> None:
+        for past, present, value in zip(session.past_names, session.present_names, self.cache):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)  # the same buffer: GQA updates it in place
+        binding.bind_ortvalue_output("logits", self.logits)
+        binding.bind_ortvalue_output("next_token", self.next_token)
+
+    def prefill_binding(self, session, feeds: dict[str, np.ndarray]):
+        binding = session.session.io_binding()
+        for name, value in feeds.items():
+            if name in session.input_names:
+                binding.bind_cpu_input(name, value)
+        self._bind_cache_and_outputs(session, binding)
+        return binding
+
+
+class StaticDecoderSession:
+    """An ORT session over a static-cache decoder graph plus its export info."""
+
+    def __init__(self, onnx_path: str | Path, info: dict | None = None, providers: Sequence | None = None,
+                 session_options: ort.SessionOptions | None = None, cuda_graph: bool | None = None,
+                 max_batch: int = 32, max_length: int | None = None):
+        """cuda_graph: None captures decode steps when the session runs on the CUDA EP.
+
+        max_length: cache slots per row (at most the exported one); smaller saves device memory.
+        """
+        onnx_path = Path(onnx_path)
+        if info is None:
+            info = json.loads((onnx_path.parent / INFO_FILE).read_text())
+        self.num_layers = int(info["num_layers"])
+        self.num_kv_heads = int(info["num_kv_heads"])
+        self.head_dim = int(info["head_dim"])
+        self.vocab_size = int(info["vocab_size"])
+        self.eos_token_ids = tuple(int(t) for t in info["eos_token_ids"])
+        self.dtype = np.dtype(info["dtype"])
+        self.max_length = min(int(max_length or info["max_length"]), int(info["max_length"]))
+        self.max_batch = max_batch
+        providers = list(providers or ["CPUExecutionProvider"])
+        wants_cuda = _provider_name(providers[0]) == "CUDAExecutionProvider"
+        self.cuda_graph = wants_cuda if cuda_graph is None else bool(cuda_graph and wants_cuda)
+        if self.cuda_graph:
+            providers[0] = ("CUDAExecutionProvider", {**_provider_options(providers[0]), "enable_cuda_graph": "1"})
+        self.session = ort.InferenceSession(str(onnx_path), sess_options=session_options, providers=providers)
+        self.on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
+        self.cuda_graph = self.cuda_graph and self.on_cuda
+        self.device = ("cuda", 0) if self.on_cuda else ("cpu", 0)
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
+        self.past_names = tuple(n for n in self.input_names if n.startswith("past."))
+        self.present_names = tuple(n.replace("past.", "present.", 1) for n in self.past_names)
+        self._buckets: dict[int, _Bucket] = {}
+        self._uncaptured = ort.RunOptions()
+        if self.cuda_graph:
+            self._uncaptured.add_run_config_entry("gpu_graph_id", "-1")
+
+    def bucket(self, batch: int) -> _Bucket:
+        """The smallest power-of-two bucket that holds `batch` rows (its buffers live as long as the session:
+        a captured CUDA graph keeps their addresses)."""
+        if not 1 <= batch <= self.max_batch:
+            raise ValueError(f"batch {batch} is outside 1..{self.max_batch}")
+        size = 1 << (batch - 1).bit_length()
+        size = min(size, self.max_batch)
+        if size not in self._buckets:
+            self._buckets[size] = _Bucket(self, size)
+        return self._buckets[size]
+
+    def prefill(self, bucket: _Bucket, prompts: Sequence[Sequence[int]], pad_id: int) -> np.ndarray:
+        """Right-padded prompts -> the KV cache filled; returns the last real position's logits [bucket, vocab]."""
+        lengths = np.array([len(p) for p in prompts] + [1] * (bucket.batch - len(prompts)), np.int64)
+        width = int(lengths.max())
+        if width >= self.max_length:
+            raise ValueError(f"a prompt of {width} tokens leaves no room in {self.max_length} cache slots")
+        ids = np.full((bucket.batch, width), pad_id, np.int64)
+        for row, p in enumerate(prompts):
+            ids[row, : len(p)] = p
+        feeds = {"input_ids": ids, "position_ids": np.broadcast_to(np.arange(width), ids.shape).copy(),
+                 "seqlens_k": (lengths - 1).astype(np.int32), "total_sequence_length": np.array(width, np.int32),
+                 "last_index": (lengths - 1)[:, None]}
+        self.session.run_with_iobinding(bucket.prefill_binding(self, feeds), self._uncaptured)
+        return lengths
+
+    def decode(self, bucket: _Bucket, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """One step: row r's token goes to cache slot lengths[r] (its position)."""
+        bucket.input_ids.update_inplace(tokens.reshape(bucket.batch, 1).astype(np.int64))
+        if "position_ids" in self.input_names:
+            bucket.position_ids.update_inplace(lengths.reshape(bucket.batch, 1).astype(np.int64))
+        bucket.seqlens_k.update_inplace(lengths.astype(np.int32))
+        bucket.total.update_inplace(np.array(lengths.max() + 1, np.int32))
+        if self.cuda_graph:
+            options = ort.RunOptions()
+            options.add_run_config_entry("gpu_graph_id", str(bucket.batch))
+            self.session.run_with_iobinding(bucket.decode, options)
+        else:
+            self.session.run_with_iobinding(bucket.decode)
+
+
+def _provider_name(provider) -> str:
+    return provider[0] if isinstance(provider, tuple) else provider
+
+
+def _provider_options(provider) -> dict:
+    return dict(provider[1]) if isinstance(provider, tuple) else {}
+
+
+def generate_static(session: StaticDecoderSession, prompts_token_ids: Sequence[Sequence[int]],
+                    params: SamplingParams, pad_token_id: int | None = None) -> Iterator[StepOutput]:
+    """As serve_app.generation.generate, over a static-cache session (prompts right-padded)."""
+    if not prompts_token_ids or any(len(p) == 0 for p in prompts_token_ids):
+        raise ValueError("every prompt needs at least one token")
+    eos = () if params.ignore_eos else session.eos_token_ids
+    stop_ids = np.array(sorted(set(params.stop_token_ids) | set(eos)), np.int64)
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    rng = np.random.default_rng(params.seed)
+    batch = len(prompts_token_ids)
+    bucket = session.bucket(batch)
+    lengths = session.prefill(bucket, prompts_token_ids, pad)
+    room = session.max_length - int(lengths.max())
+    max_tokens = min(params.max_tokens, room)
+    reasons: list[str | None] = [None] * batch
+    for step in range(max_tokens):
+        if params.greedy and not (step < params.min_tokens and stop_ids.size):
+            tokens = bucket.next_token.numpy()
+        else:
+            last = bucket.logits.numpy()
+            if step < params.min_tokens and stop_ids.size:
+                last[:, stop_ids] = -np.inf
+            tokens = sample_next(last, params, rng)
+        emitted = row_updates(tokens[:batch], reasons, stop_ids, final=step == max_tokens - 1)
+        yield StepOutput(step, emitted, tuple(reasons))
+        if all(r is not None for r in reasons):
+            return
+        done = np.array([r is not None for r in reasons] + [True] * (bucket.batch - batch))
+        session.decode(bucket, np.where(done, pad, tokens), lengths)
+        lengths = lengths + 1
+
+
+def generate_all_static(session: StaticDecoderSession, prompts_token_ids: Sequence[Sequence[int]],
+                        params: SamplingParams, pad_token_id: int | None = None) -> list[list[int]]:
+    return collect(generate_static(session, prompts_token_ids, params, pad_token_id), len(prompts_token_ids))

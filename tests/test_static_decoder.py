@@ -1,0 +1,90 @@
+"""The static-cache GQA decoder (the GPU fast path) on CPU: tiny random GPT-Neo / GPT-2 / LLaMA models."""
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import pytest
+
+from export_jobs.decoder_validate import default_prompts, transformers_greedy
+from export_jobs.static_decoder import StaticDecoderInfo, export_static_decoder
+from serve_app.generation import DecoderSession, SamplingParams, generate_all
+from serve_app.static_generation import StaticDecoderSession, generate_all_static, generate_static
+from tests.test_decoder import WINDOW, _tiny_models, one_thread
+
+MAX_LENGTH = 96
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """model type -> (model, static graph path); exported once for the module."""
+    out = {}
+    for kind, model in _tiny_models().items():
+        model.generation_config.eos_token_id = None  # compare full-length greedy runs
+        path = tmp_path_factory.mktemp(f"static-{kind}") / "model.onnx"
+        export_static_decoder(model, path, max_length=MAX_LENGTH)
+        out[kind] = (model, path)
+    return out
+
+
+def _session(path, **kwargs) -> StaticDecoderSession:
+    return StaticDecoderSession(path, session_options=one_thread(), max_batch=4, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["gpt_neo", "gpt2", "llama"])
+def test_greedy_tokens_equal_transformers_on_a_right_padded_batch(exported, kind):
+    model, path = exported[kind]
+    long, short = default_prompts(model)
+    assert len(long) > WINDOW  # GPT-Neo's local layers must drop keys: the window semantics are checked
+    prompts = [long, short, [7]]  # three rows: bucket 4, one padding row
+    expected = [transformers_greedy(model, [p], 24, 0)[0] for p in prompts]
+    session = _session(path)
+    assert generate_all_static(session, prompts, SamplingParams(max_tokens=24, temperature=0)) == expected
+    assert sorted(session._buckets) == [4]
+
+
+def test_graph_is_one_gqa_per_layer_with_no_shape_ops(exported):
+    """No Shape/Reshape: nothing falls back to the CPU on the CUDA EP, so CUDA graphs can capture a step."""
+    model, path = exported["gpt_neo"]
+    ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    assert ops["GroupQueryAttention"] == model.config.num_layers
+    assert not {"Shape", "Reshape", "Expand", "ConstantOfShape", "Concat"} & set(ops)
+    windows = [a.i for n in onnx.load(str(path)).graph.node if n.op_type == "GroupQueryAttention"
+               for a in n.attribute if a.name == "local_window_size"]
+    assert windows == [-1 if t == "global" else WINDOW for t in model.config.attention_layers]
+    info = StaticDecoderInfo.load(path.parent)
+    assert (info.num_layers, info.max_length, info.model_type) == (model.config.num_layers, MAX_LENGTH, "gpt_neo")
+
+
+def test_sampling_matches_the_dynamic_cache_loop(exported, tmp_path):
+    """Same seed, same logits (to float rounding): the same sampled tokens as serve_app.generation."""
+    from export_jobs.decoder_export import export_decoder
+
+    model, path = exported["gpt2"]
+    export_decoder(model, tmp_path / "model.onnx")
+    dynamic = DecoderSession(tmp_path / "model.onnx", session_options=one_thread())
+    prompt = default_prompts(model)[0]
+    params = SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, top_k=50, seed=3)
+    assert generate_all_static(_session(path), [prompt], params) == generate_all(dynamic, [prompt], params)
+
+
+def test_generation_stops_at_the_cache_end_and_refuses_prompts_that_fill_it(exported):
+    model, path = exported["llama"]
+    session = _session(path)
+    prompt = list(np.arange(MAX_LENGTH - 5) % 900 + 3)
+    steps = list(generate_static(session, [prompt], SamplingParams(max_tokens=50, temperature=0)))
+    assert len(steps) == 5 and steps[-1].finish_reasons == ("length",)
+    with pytest.raises(ValueError, match="no room"):
+        list(generate_static(session, [list(range(MAX_LENGTH))], SamplingParams(max_tokens=2)))
+
+
+def test_stop_tokens_end_rows_independently(exported):
+    model, path = exported["gpt_neo"]
+    long, short = default_prompts(model)
+    free = generate_all_static(_session(path), [long, short], SamplingParams(max_tokens=12, temperature=0))
+    stop = free[1][3]  # row 1's fourth token
+    got = generate_all_static(_session(path), [long, short],
+                              SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(stop,)))
+    assert got[1] == free[1][: free[1].index(stop) + 1]
+    assert got[0] == free[0][: free[0].index(stop) + 1] if stop in free[0] else got[0] == free[0]
