@@ -314,6 +314,7 @@ def section_gptneo(args) -> None:
         return (long - short) / (new - 1) * 1000, out[0, prompt_len:].tolist(), ids.cpu().numpy()
 
     variants: dict = {}  # name -> fn(prompts, n) -> tokens per row
+    static_sessions: dict = {}
     tmp = Path(tempfile.mkdtemp(prefix="gptneo-"))
     try:
         start = time.perf_counter()
@@ -336,11 +337,25 @@ def section_gptneo(args) -> None:
                 continue
             session = StaticDecoderSession(tmp / "static" / "model.onnx", providers=providers(device),
                                            cuda_graph=graph, max_batch=32)
+            static_sessions[f"ONNX {name}"] = session
             variants[f"ONNX {name}"] = (lambda sess: lambda prompts, n: generate_all_static(
                 sess, prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)))(session)
     except Exception as exc:  # noqa: BLE001
         record["static_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
         traceback.print_exc()
+
+    def teacher_forced(session, prompt: list[int], tokens: list[int], reference: np.ndarray) -> dict:
+        """Static graph fed the same tokens as the reference: max |logits diff| and top-1 agreement per step."""
+        bucket = session.bucket(1)
+        lengths = session.prefill(bucket, [prompt], 0)
+        diffs, agree = [], []
+        for i in range(len(tokens)):
+            got, ref = bucket.logits.numpy()[0], reference[len(prompt) - 1 + i]
+            diffs.append(float(np.max(np.abs(got - ref))))
+            agree.append(int(got.argmax() == ref.argmax()))
+            session.decode(bucket, np.array([tokens[i]]), lengths)
+            lengths = lengths + 1
+        return {"max_abs_diff": max(diffs), "top1_agree": f"{sum(agree)}/{len(agree)}"}
 
     def onnx_ms_per_token(fn, prompts) -> tuple[float, list[int]]:
         prompts = [list(map(int, p)) for p in prompts]
@@ -377,6 +392,26 @@ def section_gptneo(args) -> None:
                 traceback.print_exc()
         record["rows"][batch] = row
         emit(args)
+        if batch == 1 and hf_tokens is not None:
+            # logits parity along transformers' own greedy sequence: fp16 noise vs a real difference
+            import copy
+
+            full = torch.tensor([list(map(int, prompts[0])) + list(hf_tokens)], device=device)
+            with torch.inference_mode():
+                ref16 = model(full).logits[0].float().cpu().numpy()
+                model32 = copy.deepcopy(model).float()
+                ref32 = model32(full).logits[0].float().cpu().numpy()
+                del model32
+            n = len(hf_tokens)
+            parity = {"transformers fp16 vs fp32": {
+                "max_abs_diff": float(np.max(np.abs(ref16 - ref32)[prompt_len - 1:prompt_len - 1 + n])),
+                "top1_agree": f"{int(np.sum(ref16[prompt_len - 1:-1].argmax(-1) == ref32[prompt_len - 1:-1].argmax(-1)))}/{n}"}}
+            for name, session in static_sessions.items():
+                try:
+                    parity[f"{name} vs fp32"] = teacher_forced(session, list(map(int, prompts[0])), list(hf_tokens), ref32)
+                except Exception as exc:  # noqa: BLE001
+                    parity[f"{name} vs fp32"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            record["teacher_forced"] = parity
     rows = []
     b1_hf = record["rows"][1].get("transformers generate()")
     for name in names:
@@ -392,6 +427,10 @@ def section_gptneo(args) -> None:
         for k, v in row.items():
             if k.endswith("error"):
                 print(f"  batch {batch} {k}: {v}")
+    if "teacher_forced" in record:
+        print(f"  logits along transformers' greedy sequence (batch 1, {new} steps, vs transformers fp32):")
+        print(table([(k, f"{v.get('max_abs_diff', float('nan')):.3g}", v.get("top1_agree", v.get("error", "")))
+                     for k, v in record["teacher_forced"].items()], ("logits of", "max abs diff", "top-1 = fp32")))
     for key in ("onnx_error", "static_error"):
         if key in record:
             print(f"  {key}: {record[key]}")

@@ -38,6 +38,9 @@ class _Bucket:
         self.total = ort.OrtValue.ortvalue_from_shape_and_type((), np.int32, "cpu", 0)  # GQA reads it on the host
         self.logits = ort.OrtValue.ortvalue_from_shape_and_type((batch, session.vocab_size), np.float32, *where)
         self.next_token = ort.OrtValue.ortvalue_from_shape_and_type((batch,), np.int64, *where)
+        self.run_options = ort.RunOptions()
+        if session.cuda_graph:
+            self.run_options.add_run_config_entry("gpu_graph_id", str(batch))  # one captured graph per bucket
         self.decode = session.session.io_binding()
         for name, value in (("input_ids", self.input_ids), ("position_ids", self.position_ids),
                             ("seqlens_k", self.seqlens_k), ("total_sequence_length", self.total),
@@ -45,6 +48,19 @@ class _Bucket:
             if name in session.input_names:
                 self.decode.bind_ortvalue_input(name, value)
         self._bind_cache_and_outputs(session, self.decode)
+        if session.cuda_graph:
+            self._capture(session)
+
+    def _capture(self, session) -> None:
+        """Capture this bucket's decode graph now, on dummy rows, not in the middle of a generation.
+
+        ONNX Runtime captures on a later run than the first, and the capturing run itself executes
+        nothing: mid-generation, that step's token and cache slot would be lost. Slot 0 of the cache
+        holds junk afterwards, which the next prefill overwrites.
+        """
+        zeros = np.zeros(self.batch, np.int64)
+        for _ in range(3):
+            session.decode(self, zeros, zeros)
 
     def _bind_cache_and_outputs(self, session, binding) -> None:
         for past, present, value in zip(session.past_names, session.present_names, self.cache):
@@ -132,13 +148,12 @@ class StaticDecoderSession:
         if "position_ids" in self.input_names:
             bucket.position_ids.update_inplace(lengths.reshape(bucket.batch, 1).astype(np.int64))
         bucket.seqlens_k.update_inplace(lengths.astype(np.int32))
-        bucket.total.update_inplace(np.array(lengths.max() + 1, np.int32))
-        if self.cuda_graph:
-            options = ort.RunOptions()
-            options.add_run_config_entry("gpu_graph_id", str(bucket.batch))
-            self.session.run_with_iobinding(bucket.decode, options)
-        else:
-            self.session.run_with_iobinding(bucket.decode)
+        # GQA sizes its flash-decoding splits (and, in flash, which key blocks each split visits) from
+        # total_sequence_length on the host; a captured graph keeps the value it was captured with, so
+        # with CUDA graphs it is the cache size (keys past each row's length are masked by seqlens_k).
+        total = self.max_length if self.cuda_graph else int(lengths.max()) + 1
+        bucket.total.update_inplace(np.array(total, np.int32))
+        self.session.run_with_iobinding(bucket.decode, bucket.run_options)
 
 
 def _provider_name(provider) -> str:
