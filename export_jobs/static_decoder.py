@@ -21,12 +21,14 @@ Supported: GPT-Neo (local layers: local_window_size = window_size, scale 1), GPT
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 
@@ -49,6 +51,7 @@ class StaticDecoderInfo:
     dtype: str  # KV cache dtype (numpy name)
     opset: int
     external_data: bool
+    fused_operators: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / INFO_FILE
@@ -109,13 +112,23 @@ class _GatherLast(torch.autograd.Function):
 # --- per-architecture blocks -------------------------------------------------------------
 
 
+def _conv1d(layer):
+    """transformers' GPT-2 Conv1D as a plain 3-D matmul: its own forward flattens through view(-1, ...),
+    which exports as Shape/Reshape nodes that the CUDA EP leaves on the CPU (no CUDA graph then)."""
+    return lambda x: torch.matmul(x, layer.weight) + layer.bias
+
+
+def _gpt2_mlp(mlp):
+    return lambda x: _conv1d(mlp.c_proj)(mlp.act(_conv1d(mlp.c_fc)(x)))
+
+
 @dataclasses.dataclass
 class _Layer:
     norm1: torch.nn.Module
     qkv: object  # x -> (q, k, v), each [b, s, heads * head_dim]
-    out: torch.nn.Module
+    out: object  # x -> x
     norm2: torch.nn.Module
-    mlp: torch.nn.Module
+    mlp: object  # x -> x
     # GQA local_window_size: -1 global. ONNX Runtime's kernels (CPU 1.32, CUDA 1.31) let a query see
     # local_window_size keys ending at its own: GPT-Neo's window_size exactly (the gate proves it).
     window: int
@@ -147,8 +160,8 @@ class _StaticDecoder(torch.nn.Module):
             self.heads = self.kv_heads = config.n_head
             self.head_dim = config.n_embd // config.n_head
             self.scale = 1 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0
-            self.layers = [_Layer(b.ln_1, self._fused_qkv(b.attn.c_attn, config.n_embd), b.attn.c_proj, b.ln_2, b.mlp, -1)
-                           for b in base.h]
+            self.layers = [_Layer(b.ln_1, self._fused_qkv(b.attn.c_attn, config.n_embd), _conv1d(b.attn.c_proj), b.ln_2,
+                                  _gpt2_mlp(b.mlp), -1) for b in base.h]
             self.final_norm = base.ln_f
         else:
             base = model.model
@@ -176,7 +189,7 @@ class _StaticDecoder(torch.nn.Module):
 
     @staticmethod
     def _fused_qkv(c_attn, width):
-        return lambda x: c_attn(x).split(width, dim=2)
+        return lambda x: _conv1d(c_attn)(x).split(width, dim=2)
 
     def _rope_tables(self, base, max_length):
         """cos/sin [max_length, rotary_dim / 2] from the model's own rotary embedding (its scaling included)."""
@@ -235,6 +248,83 @@ def _dynamic_axes(input_names, output_names):
     return {name: axis for name, axis in axes.items() if name in input_names or name in output_names}
 
 
+def expected_fusions(wrapper: _StaticDecoder) -> dict[str, int]:
+    layers = len(wrapper.layers)
+    if wrapper.rotary:  # RMSNorm: the first norm has no residual to fold in; every later one does
+        return {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2 * layers}
+    # LayerNorm: the embedding sum (wte + wpe) folds into the first one as its skip input
+    return {"SkipLayerNormalization": 2 * layers + 1, "FastGelu": layers}
+
+
+def _fuse(raw: Path, wrapper: _StaticDecoder) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """ORT's transformer optimizer over the exported graph (norms with their residual adds and biases, the
+    tanh GELU): fewer, larger kernels per layer. Attention is already one GQA node. Raises FusionError
+    when a fusion that this architecture must get is missing."""
+    from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    from .optimize import FusionError
+
+    options = FusionOptions("gpt2")
+    options.enable_attention = False
+    options.enable_rotary_embeddings = False
+    model = optimizer.optimize_model(str(raw), model_type="gpt2", num_heads=wrapper.heads,
+                                     hidden_size=wrapper.heads * wrapper.head_dim, opt_level=0,
+                                     optimization_options=options)
+    packed = _pack_qkv(model.model)
+    model.topological_sort()
+    counts = dict(collections.Counter(n.op_type for n in model.model.graph.node))
+    if packed != len(wrapper.layers):
+        raise FusionError({"packed QKV": (packed, len(wrapper.layers))}, counts)
+    expected = expected_fusions(wrapper)
+    missing = {op: (counts.get(op, 0), want) for op, want in expected.items() if counts.get(op, 0) != want}
+    if missing:
+        raise FusionError(missing, counts)
+    return model.model, {op: counts[op] for op in (*expected, "GroupQueryAttention")}
+
+
+def _pack_qkv(model: onnx.ModelProto) -> int:
+    """Feed every GQA one packed [b, s, (heads + 2 kv_heads) * head_dim] query: one GEMM instead of three.
+
+    q/k/v from three MatMuls on one input (GPT-Neo, LLaMA): their weights are concatenated into one
+    MatMul. q/k/v from a Split of one projection (GPT-2): the Split goes. Returns the GQA nodes packed.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers = collections.Counter(i for n in graph.node for i in n.input)
+    weights = {t.name: t for t in graph.initializer}
+    drop, packed = [], 0
+    for node in [n for n in graph.node if n.op_type == "GroupQueryAttention"]:
+        sources = [producer.get(name) for name in node.input[:3]]
+        if any(src is None for src in sources):
+            continue
+        if sources[0].op_type == "Split" and all(src is sources[0] for src in sources) \
+                and list(sources[0].output) == list(node.input[:3]) and consumers[sources[0].output[0]] == 1:
+            fused_input = sources[0].input[0]
+            drop.append(sources[0])
+        elif all(src.op_type == "MatMul" and src.input[1] in weights and src.input[0] == sources[0].input[0]
+                 and consumers[src.output[0]] == 1 for src in sources):
+            arrays = [numpy_helper.to_array(weights[src.input[1]]) for src in sources]
+            name = f"{node.name or node.output[0]}.qkv_weight"
+            graph.initializer.append(numpy_helper.from_array(np.concatenate(arrays, axis=1), name))
+            fused_input = f"{node.name or node.output[0]}.qkv"
+            graph.node.append(onnx.helper.make_node("MatMul", [sources[0].input[0], name], [fused_input],
+                                                    name=f"{node.name or node.output[0]}.qkv_matmul"))
+            drop.extend(sources)
+        else:
+            continue
+        node.input[0], node.input[1], node.input[2] = fused_input, "", ""
+        packed += 1
+    for src in drop:
+        graph.node.remove(src)
+    used = {i for n in graph.node for i in n.input}
+    for tensor in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(tensor)
+    return packed
+
+
 def export_static_decoder(model, out_path: str | Path, max_length: int, opset: int = 18,
                           external_data: bool | None = None) -> StaticDecoderInfo:
     """Export `model` (a transformers causal LM in eval mode, any dtype/device) to `out_path`.
@@ -255,7 +345,7 @@ def export_static_decoder(model, out_path: str | Path, max_length: int, opset: i
                           output_names=list(output_names), dynamic_axes=_dynamic_axes(input_names, output_names),
                           opset_version=opset, do_constant_folding=True, dynamo=False,
                           custom_opsets={"com.microsoft": 1})
-        proto = onnx.load(str(raw), load_external_data=True)
+        proto, fused = _fuse(raw, wrapper)
         got = tuple(i.name for i in proto.graph.input), tuple(o.name for o in proto.graph.output)
         if got != (input_names, output_names):
             raise RuntimeError(f"static decoder io mismatch: {got[0][:6]}..., {got[1][:3]}...")
@@ -271,7 +361,7 @@ def export_static_decoder(model, out_path: str | Path, max_length: int, opset: i
         model_type=model.config.model_type, num_layers=len(wrapper.layers), num_heads=wrapper.heads,
         num_kv_heads=wrapper.kv_heads, head_dim=wrapper.head_dim, vocab_size=model.config.vocab_size,
         max_length=int(max_length), eos_token_ids=_eos_ids(model), dtype=str(model.dtype).removeprefix("torch."),
-        opset=opset, external_data=bool(external_data),
+        opset=opset, external_data=bool(external_data), fused_operators=fused,
     )
     info.save(out_path.parent)
     return info

@@ -44,17 +44,28 @@ def test_greedy_tokens_equal_transformers_on_a_right_padded_batch(exported, kind
     assert sorted(session._buckets) == [4]
 
 
-def test_graph_is_one_gqa_per_layer_with_no_shape_ops(exported):
-    """No Shape/Reshape: nothing falls back to the CPU on the CUDA EP, so CUDA graphs can capture a step."""
+@pytest.mark.parametrize("kind", ["gpt_neo", "gpt2", "llama"])
+def test_graph_is_fused_packed_and_free_of_shape_ops(exported, kind):
+    """No Shape/Reshape: nothing falls back to the CPU on the CUDA EP, so CUDA graphs can capture a step.
+    One packed-QKV GQA per layer, norms fused with their residual adds, as the manifest records."""
+    model, path = exported[kind]
+    graph = onnx.load(str(path)).graph
+    ops = collections.Counter(n.op_type for n in graph.node)
+    info = StaticDecoderInfo.load(path.parent)
+    assert ops["GroupQueryAttention"] == info.num_layers == info.fused_operators["GroupQueryAttention"]
+    assert not {"Shape", "Reshape", "Expand", "ConstantOfShape", "Concat", "Split"} & set(ops)
+    assert all(list(n.input[1:3]) == ["", ""] for n in graph.node if n.op_type == "GroupQueryAttention")
+    per_layer = 5 if kind == "llama" else 4  # packed qkv, out, MLP (fc + proj; LLaMA gate + up + down)
+    assert ops["MatMul"] == per_layer * info.num_layers + 1  # + lm_head
+    assert {op: ops[op] for op in info.fused_operators} == info.fused_operators
+    assert (info.max_length, info.model_type) == (MAX_LENGTH, kind)
+
+
+def test_gpt_neo_local_layers_carry_the_window(exported):
     model, path = exported["gpt_neo"]
-    ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
-    assert ops["GroupQueryAttention"] == model.config.num_layers
-    assert not {"Shape", "Reshape", "Expand", "ConstantOfShape", "Concat"} & set(ops)
     windows = [a.i for n in onnx.load(str(path)).graph.node if n.op_type == "GroupQueryAttention"
                for a in n.attribute if a.name == "local_window_size"]
     assert windows == [-1 if t == "global" else WINDOW for t in model.config.attention_layers]
-    info = StaticDecoderInfo.load(path.parent)
-    assert (info.num_layers, info.max_length, info.model_type) == (model.config.num_layers, MAX_LENGTH, "gpt_neo")
 
 
 def test_sampling_matches_the_dynamic_cache_loop(exported, tmp_path):
