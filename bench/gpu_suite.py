@@ -420,13 +420,20 @@ def section_gptneo(args) -> None:
                      f"{b32:.2f}" if b32 else "-", f"{b32 / b1:.2f}" if b1 and b32 else "-",
                      record["rows"][1].get(f"{name} greedy agree row 0", "-")))
     print(f"\n(b) GPT-Neo {'tiny' if args.tiny else '1.3B shapes'}, random weights, {dtype}, prompt {prompt_len}, "
-          f"{new} new tokens; ms per decode step = (t[{new}] - t[1]) / {new - 1}; static cache {args.max_length} slots")
+          f"{new} new tokens; ms per decode step = (t[{new}] - t[1]) / {new - 1}; static cache sized per request: "
+          f"{max(256, 1 << (prompt_len + new - 1).bit_length())} slots of {args.max_length}")
     print(table(rows, ("decoder", "batch 1 ms/token", "vs generate()", "batch 32 ms/step", "batch32/batch1",
                        "greedy = HF (batch 1)")), flush=True)
     for batch, row in record["rows"].items():
         for k, v in row.items():
             if k.endswith("error"):
                 print(f"  batch {batch} {k}: {v}")
+    if args.profile and device == "cuda":
+        try:
+            record["kernels"] = profile_decode(static_sessions)
+        except Exception as exc:  # noqa: BLE001
+            record["kernels"] = {"error": f"{type(exc).__name__}: {exc}"}
+            traceback.print_exc()
     if "teacher_forced" in record:
         print(f"  logits along transformers' greedy sequence (batch 1, {new} steps, vs transformers fp32):")
         print(table([(k, f"{v.get('max_abs_diff', float('nan')):.3g}", v.get("top1_agree", v.get("error", "")))
@@ -434,6 +441,32 @@ def section_gptneo(args) -> None:
     for key in ("onnx_error", "static_error"):
         if key in record:
             print(f"  {key}: {record[key]}")
+
+
+def profile_decode(static_sessions: dict, steps: int = 20) -> dict:
+    """GPU kernel time of the uncaptured static decode step (CUPTI sees ORT's kernels too), top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    name = next((n for n in static_sessions if "CUDA graph" not in n), None)
+    if name is None:
+        return {}
+    session = static_sessions[name]
+    bucket = session.bucket(1)
+    lengths = session.prefill(bucket, [[11, 12, 13, 14, 15, 16, 17, 18]], 0)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            session.decode(bucket, np.array([42]), lengths)
+            lengths = lengths + 1
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events) / steps / 1000
+    count = sum(e.count for e in events) / steps
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:10]
+    print(f"  {name}: GPU kernel time {total:.3f} ms per decode step, {count:.0f} kernels per step; top kernels:")
+    rows = [(e.key[:90], f"{e.self_device_time_total / steps / 1000:.3f}", f"{e.count / steps:.0f}") for e in top]
+    print(table(rows, ("kernel", "ms per step", "launches per step")), flush=True)
+    return {"session": name, "gpu_ms_per_step": total, "kernels_per_step": count,
+            "top": [{"kernel": r[0], "ms": float(r[1]), "count": float(r[2])} for r in rows]}
 
 
 def section_window(args) -> None:
@@ -476,6 +509,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny configs: checks the script's logic fast")
     parser.add_argument("--sections", nargs="+", default=["window", "embed", "gptneo"])
     parser.add_argument("--max-length", type=int, default=2048, help="static KV cache slots (GPT-Neo's context)")
+    parser.add_argument("--profile", action="store_true", help="GPU kernel breakdown of a static decode step")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=40)
     parser.add_argument("--new-tokens", type=int, default=64)

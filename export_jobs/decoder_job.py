@@ -5,10 +5,12 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from .config import ModelConfig, Precision
+from .config import ModelConfig, Precision, SpeedOption
 from .sources import ResolvedSource
 from .specs import DecoderSpec, spec_for
 from .validate import ExportError
+
+STATIC_DIR = "static"  # the `fused` speed option's graph, beside the dynamic-cache one
 
 
 def load_decoder(resolved: ResolvedSource):
@@ -26,6 +28,9 @@ def export_decoder_model(cfg: ModelConfig, resolved: ResolvedSource, staging: Pa
 
     if cfg.precision is not Precision.fp32:
         raise ExportError(f"{cfg.id}: the CPU gate checks fp32 decoders; fp16 is a GPU bench option for now")
+    if cfg.optimize not in (SpeedOption.none, SpeedOption.fused):
+        raise ExportError(f"{cfg.id}: decoders take optimize: none or fused (the static-cache GQA graph), "
+                          f"not {cfg.optimize.value}")
     model, tokenizer = load_decoder(resolved)
     spec = spec_for(cfg.task, model.config.model_type)
     assert isinstance(spec, DecoderSpec)
@@ -39,6 +44,9 @@ def export_decoder_model(cfg: ModelConfig, resolved: ResolvedSource, staging: Pa
     if cfg.max_length:
         context = min(context, cfg.max_length)
     worst = max(figures["prefill_max_abs_diff"], figures["decode_max_abs_diff"])
+    metadata = {}
+    if cfg.optimize is SpeedOption.fused:  # proven on its own before it is served
+        metadata["static_decoder"] = _static_variant(model, staging, int(context), spec, tolerance, pad)
     return {
         "family": spec.family,
         "max_length": int(context),
@@ -50,5 +58,18 @@ def export_decoder_model(cfg: ModelConfig, resolved: ResolvedSource, staging: Pa
             "pad_token_id": int(pad),
             "add_special_tokens": True,
             "model_type": model.config.model_type,
+            **metadata,
         },
     }
+
+
+def _static_variant(model, staging: Path, context: int, spec: DecoderSpec, tolerance: float, pad: int) -> dict:
+    """The static-cache GQA graph beside the dynamic one (static/), with its own gate's figures."""
+    from .decoder_validate import validate_static_decoder
+    from .static_decoder import export_static_decoder
+
+    info = export_static_decoder(model, staging / STATIC_DIR / "model.onnx", max_length=context)
+    figures = validate_static_decoder(model, staging / STATIC_DIR / "model.onnx", new_tokens=spec.greedy_tokens,
+                                      tolerance=tolerance, pad_token_id=pad)
+    return {"model_file": f"{STATIC_DIR}/model.onnx", "max_length": info.max_length,
+            "fused_operators": info.fused_operators, "parity": figures}

@@ -138,3 +138,46 @@ def validate_decoder(model, onnx_path: str | Path, prompts: Sequence[Sequence[in
         compared += sum(len(_until_eos(e, eos)) for e in expected)
     figures.update(greedy_match_tokens=matched, greedy_compared_tokens=compared, greedy_new_tokens=new_tokens)
     return figures
+
+
+def validate_static_decoder(model, onnx_path: str | Path, prompts: Sequence[Sequence[int]] | None = None,
+                            new_tokens: int = 16, tolerance: float = 1e-3, pad_token_id: int | None = None,
+                            providers: Sequence | None = None) -> dict:
+    """The gate for the static-cache GQA graph (export_jobs.static_decoder), as for the dynamic one:
+
+    1. logits along transformers' greedy continuation of each prompt (prefill, then every decode step
+       fed the same tokens) within `tolerance`;
+    2. greedy generation through serve_app.static_generation equal to `model.generate` on batch 1 and
+       on a right-padded batch 2.
+    """
+    from serve_app.static_generation import StaticDecoderSession, generate_all_static
+
+    session = StaticDecoderSession(onnx_path, providers=providers, max_batch=2, min_slots=16)
+    prompts = [list(p) for p in (prompts or default_prompts(model))][:2]
+    eos = set(session.eos_token_ids)
+    if pad_token_id is None:
+        pad_token_id = min(eos) if eos else 0
+    worst, steps = 0.0, 0
+    for prompt in prompts:
+        tokens = transformers_greedy(model, [prompt], new_tokens, pad_token_id)[0]
+        with torch.no_grad():
+            full = torch.tensor([prompt + tokens], device=model.device)
+            expected = model(full).logits[0].float().cpu().numpy()
+        bucket = session.bucket(1, len(prompt) + len(tokens) + 1)
+        lengths = session.prefill(bucket, [prompt], pad_token_id)
+        for i, token in enumerate(tokens):
+            worst = max(worst, _max_abs(expected[len(prompt) - 1 + i], bucket.logits.numpy()[0]))
+            session.decode(bucket, np.array([token]), lengths)
+            lengths = lengths + 1
+            steps += 1
+    figures = {"logits_max_abs_diff": worst, "logits_steps": steps, "tolerance": tolerance,
+               "prompt_lengths": [len(p) for p in prompts]}
+    if not worst <= tolerance:
+        raise ParityError("static decoder logits", worst, tolerance)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
+    matched = 0
+    for what, batch in (("static greedy batch 1", prompts[:1]), ("static greedy right-padded batch 2", prompts)):
+        expected = transformers_greedy(model, batch, new_tokens, pad_token_id)
+        matched += compare_greedy(what, expected, generate_all_static(session, batch, params, pad_token_id), eos)
+    figures["greedy_match_tokens"] = matched
+    return figures

@@ -23,12 +23,12 @@ INFO_FILE = "static_decoder.json"  # written by export_jobs.static_decoder
 
 
 class _Bucket:
-    """Buffers for one batch size: the KV cache, a decode step's inputs and outputs, and a binding."""
+    """Buffers for one (batch, cache slots) shape: the KV cache, a decode step's inputs and outputs, a binding."""
 
-    def __init__(self, session: "StaticDecoderSession", batch: int):
-        self.batch = batch
+    def __init__(self, session: "StaticDecoderSession", batch: int, slots: int):
+        self.batch, self.slots = batch, slots
         where = session.device
-        shape = (batch, session.num_kv_heads, session.max_length, session.head_dim)
+        shape = (batch, session.num_kv_heads, slots, session.head_dim)
         self.cache = [ort.OrtValue.ortvalue_from_shape_and_type(shape, session.dtype, *where)
                       for _ in session.past_names]
         self.input_ids = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1), np.int64, *where)
@@ -40,7 +40,8 @@ class _Bucket:
         self.next_token = ort.OrtValue.ortvalue_from_shape_and_type((batch,), np.int64, *where)
         self.run_options = ort.RunOptions()
         if session.cuda_graph:
-            self.run_options.add_run_config_entry("gpu_graph_id", str(batch))  # one captured graph per bucket
+            graph_id = batch * (1 << 20) + slots  # one captured graph per bucket
+            self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
         self.decode = session.session.io_binding()
         for name, value in (("input_ids", self.input_ids), ("position_ids", self.position_ids),
                             ("seqlens_k", self.seqlens_k), ("total_sequence_length", self.total),
@@ -83,10 +84,14 @@ class StaticDecoderSession:
 
     def __init__(self, onnx_path: str | Path, info: dict | None = None, providers: Sequence | None = None,
                  session_options: ort.SessionOptions | None = None, cuda_graph: bool | None = None,
-                 max_batch: int = 32, max_length: int | None = None):
+                 max_batch: int = 32, max_length: int | None = None, min_slots: int = 256,
+                 max_buckets: int = 4):
         """cuda_graph: None captures decode steps when the session runs on the CUDA EP.
 
-        max_length: cache slots per row (at most the exported one); smaller saves device memory.
+        max_length: the most cache slots a row may use (at most the exported one). A request gets the
+        smallest power-of-two slot count (>= min_slots) that holds its prompt + max_tokens, so memory
+        follows what requests ask for. Without CUDA graphs at most max_buckets buckets are kept (least
+        recently used go); captured graphs pin their buffers, so with them every bucket stays.
         """
         onnx_path = Path(onnx_path)
         if info is None:
@@ -99,6 +104,8 @@ class StaticDecoderSession:
         self.dtype = np.dtype(info["dtype"])
         self.max_length = min(int(max_length or info["max_length"]), int(info["max_length"]))
         self.max_batch = max_batch
+        self.min_slots = min_slots
+        self.max_buckets = max_buckets
         providers = list(providers or ["CPUExecutionProvider"])
         wants_cuda = _provider_name(providers[0]) == "CUDAExecutionProvider"
         self.cuda_graph = wants_cuda if cuda_graph is None else bool(cuda_graph and wants_cuda)
@@ -111,28 +118,34 @@ class StaticDecoderSession:
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.past_names = tuple(n for n in self.input_names if n.startswith("past."))
         self.present_names = tuple(n.replace("past.", "present.", 1) for n in self.past_names)
-        self._buckets: dict[int, _Bucket] = {}
+        self._buckets: dict[tuple[int, int], _Bucket] = {}
         self._uncaptured = ort.RunOptions()
         if self.cuda_graph:
             self._uncaptured.add_run_config_entry("gpu_graph_id", "-1")
 
-    def bucket(self, batch: int) -> _Bucket:
-        """The smallest power-of-two bucket that holds `batch` rows (its buffers live as long as the session:
-        a captured CUDA graph keeps their addresses)."""
+    def bucket(self, batch: int, length: int | None = None) -> _Bucket:
+        """The bucket for `batch` rows of up to `length` tokens each (prompt + new): power-of-two sizes."""
         if not 1 <= batch <= self.max_batch:
             raise ValueError(f"batch {batch} is outside 1..{self.max_batch}")
-        size = 1 << (batch - 1).bit_length()
-        size = min(size, self.max_batch)
-        if size not in self._buckets:
-            self._buckets[size] = _Bucket(self, size)
-        return self._buckets[size]
+        length = self.max_length if length is None else length
+        if length > self.max_length:
+            raise ValueError(f"{length} tokens do not fit {self.max_length} cache slots")
+        rows = min(1 << (batch - 1).bit_length(), self.max_batch)
+        slots = min(max(self.min_slots, 1 << (max(length, 1) - 1).bit_length()), self.max_length)
+        key = (rows, slots)
+        bucket = self._buckets.pop(key, None) or _Bucket(self, rows, slots)
+        self._buckets[key] = bucket  # most recently used last
+        if not self.cuda_graph:
+            while len(self._buckets) > self.max_buckets:
+                self._buckets.pop(next(iter(self._buckets)))
+        return bucket
 
     def prefill(self, bucket: _Bucket, prompts: Sequence[Sequence[int]], pad_id: int) -> np.ndarray:
         """Right-padded prompts -> the KV cache filled; returns the last real position's logits [bucket, vocab]."""
         lengths = np.array([len(p) for p in prompts] + [1] * (bucket.batch - len(prompts)), np.int64)
         width = int(lengths.max())
-        if width >= self.max_length:
-            raise ValueError(f"a prompt of {width} tokens leaves no room in {self.max_length} cache slots")
+        if width >= bucket.slots:
+            raise ValueError(f"a prompt of {width} tokens leaves no room in {bucket.slots} cache slots")
         ids = np.full((bucket.batch, width), pad_id, np.int64)
         for row, p in enumerate(prompts):
             ids[row, : len(p)] = p
@@ -151,7 +164,7 @@ class StaticDecoderSession:
         # GQA sizes its flash-decoding splits (and, in flash, which key blocks each split visits) from
         # total_sequence_length on the host; a captured graph keeps the value it was captured with, so
         # with CUDA graphs it is the cache size (keys past each row's length are masked by seqlens_k).
-        total = self.max_length if self.cuda_graph else int(lengths.max()) + 1
+        total = bucket.slots if self.cuda_graph else int(lengths.max()) + 1
         bucket.total.update_inplace(np.array(total, np.int32))
         self.session.run_with_iobinding(bucket.decode, bucket.run_options)
 
@@ -174,9 +187,10 @@ def generate_static(session: StaticDecoderSession, prompts_token_ids: Sequence[S
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     rng = np.random.default_rng(params.seed)
     batch = len(prompts_token_ids)
-    bucket = session.bucket(batch)
+    longest = max(len(p) for p in prompts_token_ids)
+    bucket = session.bucket(batch, min(longest + params.max_tokens, session.max_length))
     lengths = session.prefill(bucket, prompts_token_ids, pad)
-    room = session.max_length - int(lengths.max())
+    room = bucket.slots - int(lengths.max())
     max_tokens = min(params.max_tokens, room)
     reasons: list[str | None] = [None] * batch
     for step in range(max_tokens):

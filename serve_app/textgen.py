@@ -1,6 +1,6 @@
 """Text in, text out over an ONNX decoder: tokenize and check, decode loop, detokenize with stop strings.
 
-No Ray and no HTTP here. The decode loop itself lives in generation.py.
+No Ray and no HTTP here. The decode loops live in generation.py and static_generation.py.
 """
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ from .detokenize import IncrementalDecoder, StopStringMatcher
 from .errors import InputTooLong, InvalidRequest
 from .generation import DecoderSession, SamplingParams, generate
 from .runtime import providers, session_options
+from .static_generation import StaticDecoderSession, generate_static
+
+STATIC_MAX_BATCH = 32  # prompts per request on the static-cache graph (one KV buffer per batch bucket)
 
 
 @dataclass(frozen=True)
@@ -43,8 +46,16 @@ class TextGenerator:
         directory = entry.dir_path(root)
         meta = entry.metadata
         self.model_id, self.context = entry.id, int(entry.max_length or 2048)
-        self.session = DecoderSession(entry.model_path(root), meta["decoder"], providers=providers(use_gpu),
-                                      session_options=session_options(threads))
+        static = meta.get("static_decoder")  # the `fused` speed option: passed its own gate at export
+        if static:
+            self.session = StaticDecoderSession(directory / static["model_file"], providers=providers(use_gpu),
+                                                session_options=session_options(threads),
+                                                max_batch=STATIC_MAX_BATCH)
+            self._generate = generate_static
+        else:
+            self.session = DecoderSession(entry.model_path(root), meta["decoder"], providers=providers(use_gpu),
+                                          session_options=session_options(threads))
+            self._generate = generate
         self.tokenizer = Tokenizer.from_file(str(directory / meta["tokenizer"]))
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
@@ -62,6 +73,9 @@ class TextGenerator:
         """Tokenize and check against the context before any decoding starts."""
         if not prompts:
             raise InvalidRequest("prompt must not be empty", "prompt")
+        if isinstance(self.session, StaticDecoderSession) and len(prompts) > self.session.max_batch:
+            raise InvalidRequest(f"{self.model_id} decodes at most {self.session.max_batch} prompts per request, "
+                                 f"got {len(prompts)}", "prompt")
         special = self.add_special_tokens if add_special_tokens is None else add_special_tokens
         encoded = [tuple(e.ids) for e in self.tokenizer.encode_batch(prompts, add_special_tokens=special)]
         for i, ids in enumerate(encoded):
@@ -83,7 +97,7 @@ class TextGenerator:
         matchers = [StopStringMatcher(prepared.stop) for _ in prepared.prompts]
         finished = [False] * len(prepared.prompts)
         counts = [0] * len(prepared.prompts)
-        for step in generate(self.session, prepared.prompts, prepared.params, self.pad_id):
+        for step in self._generate(self.session, prepared.prompts, prepared.params, self.pad_id):
             deltas = []
             for row, (token, reason) in enumerate(zip(step.token_ids, step.finish_reasons)):
                 if finished[row] or token is None:

@@ -48,11 +48,15 @@ def server(serve_url, tiny_lm, tmp_path_factory):
     from export_jobs.job import export_one
 
     root = tmp_path_factory.mktemp("art-gen")
-    cfg = ModelConfig(id=MODEL, source=str(tiny_lm[0]), task="generation")
+    # the `fused` speed option: served through the static-cache GQA graph (the long model: the dynamic one)
+    cfg = ModelConfig(id=MODEL, source=str(tiny_lm[0]), task="generation", optimize="fused")
     long_dir = _make_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2-long"), 4096)[0]
     long_cfg = ModelConfig(id=LONG, source=str(long_dir), task="generation")
     for c in (cfg, long_cfg):
         manifest.commit(root, export_one(c, root))
+    static = manifest.load(root)[MODEL].metadata["static_decoder"]
+    assert static["parity"]["greedy_match_tokens"] > 0 and (manifest.load(root)[MODEL].dir_path(root) / static["model_file"]).exists()
+    assert "static_decoder" not in manifest.load(root)[LONG].metadata
     app = build(AppConfig(project=ProjectConfig(artifacts=str(root), models=(cfg, long_cfg)),
                           server=ServerSettings(max_tokens_limit=4000)), manifest.load(root))
     serve.run(app, name="gen", route_prefix="/")

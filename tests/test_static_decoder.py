@@ -14,6 +14,7 @@ from serve_app.static_generation import StaticDecoderSession, generate_all_stati
 from tests.test_decoder import WINDOW, _tiny_models, one_thread
 
 MAX_LENGTH = 96
+MIN_SLOTS = 16
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def exported(tmp_path_factory):
 
 
 def _session(path, **kwargs) -> StaticDecoderSession:
-    return StaticDecoderSession(path, session_options=one_thread(), max_batch=4, **kwargs)
+    return StaticDecoderSession(path, session_options=one_thread(), max_batch=4, min_slots=MIN_SLOTS, **kwargs)
 
 
 @pytest.mark.parametrize("kind", ["gpt_neo", "gpt2", "llama"])
@@ -41,7 +42,7 @@ def test_greedy_tokens_equal_transformers_on_a_right_padded_batch(exported, kind
     expected = [transformers_greedy(model, [p], 24, 0)[0] for p in prompts]
     session = _session(path)
     assert generate_all_static(session, prompts, SamplingParams(max_tokens=24, temperature=0)) == expected
-    assert sorted(session._buckets) == [4]
+    assert sorted(session._buckets) == [(4, 64)]  # 4 rows; the longest prompt + 24 tokens fits 64 slots
 
 
 @pytest.mark.parametrize("kind", ["gpt_neo", "gpt2", "llama"])
@@ -99,3 +100,31 @@ def test_stop_tokens_end_rows_independently(exported):
                               SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(stop,)))
     assert got[1] == free[1][: free[1].index(stop) + 1]
     assert got[0] == free[0][: free[0].index(stop) + 1] if stop in free[0] else got[0] == free[0]
+
+
+def test_buckets_follow_the_request_and_old_ones_go(exported):
+    model, path = exported["gpt2"]
+    session = _session(path, max_buckets=2)
+    params = SamplingParams(max_tokens=4, temperature=0)
+    for prompts in ([[5] * 10], [[5] * 10, [6] * 3], [[5] * 40]):
+        generate_all_static(session, prompts, params)
+    assert list(session._buckets) == [(2, 16), (1, 64)]  # (1, 16) was the least recently used
+    assert [b.cache[0].shape()[2] for b in session._buckets.values()] == [16, 64]
+
+
+@pytest.mark.slow
+def test_smollm2_static_graph_passes_the_gate(tmp_path):
+    """The real default generator (LLaMA architecture, GQA 9:3 heads, RoPE) through the static graph's gate."""
+    from export_jobs.decoder_sources import load_smollm2
+    from export_jobs.decoder_validate import validate_static_decoder
+
+    model, tok = load_smollm2()
+    info = export_static_decoder(model, tmp_path / "model.onnx", max_length=512)
+    assert info.num_kv_heads < info.num_heads and info.fused_operators["GroupQueryAttention"] == info.num_layers
+    prompt = tok("The capital of France is")["input_ids"]
+    figures = validate_static_decoder(model, tmp_path / "model.onnx", prompts=[prompt, prompt[:3]], new_tokens=12,
+                                      tolerance=1e-3, pad_token_id=tok.pad_token_id or 0)
+    assert figures["logits_max_abs_diff"] <= 1e-3 and figures["greedy_match_tokens"] >= 12
+    session = StaticDecoderSession(tmp_path / "model.onnx", session_options=one_thread())
+    tokens = generate_all_static(session, [prompt], SamplingParams(max_tokens=4, temperature=0))[0]
+    assert tok.decode(tokens).strip().startswith("Paris")
