@@ -346,7 +346,7 @@ def section_gptneo(args) -> None:
 
     def teacher_forced(session, prompt: list[int], tokens: list[int], reference: np.ndarray) -> dict:
         """Static graph fed the same tokens as the reference: max |logits diff| and top-1 agreement per step."""
-        bucket = session.bucket(1)
+        bucket = session.bucket(1, len(prompt) + len(tokens) + 1)
         lengths = session.prefill(bucket, [prompt], 0)
         diffs, agree = [], []
         for i in range(len(tokens)):
@@ -451,7 +451,7 @@ def profile_decode(static_sessions: dict, steps: int = 20) -> dict:
     if name is None:
         return {}
     session = static_sessions[name]
-    bucket = session.bucket(1)
+    bucket = session.bucket(1, 8 + steps + 1)
     lengths = session.prefill(bucket, [[11, 12, 13, 14, 15, 16, 17, 18]], 0)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
