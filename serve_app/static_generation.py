@@ -38,9 +38,12 @@ class _Bucket:
         self.total = ort.OrtValue.ortvalue_from_shape_and_type((), np.int32, "cpu", 0)  # GQA reads it on the host
         self.logits = ort.OrtValue.ortvalue_from_shape_and_type((batch, session.vocab_size), np.float32, *where)
         self.next_token = ort.OrtValue.ortvalue_from_shape_and_type((batch,), np.int64, *where)
-        self.run_options = ort.RunOptions()
+        # None without graphs: onnxruntime's Python wrapper looks up gpu_graph_id in any RunOptions it
+        # gets, and a missing key costs a caught exception, ~0.09 ms a step on CPU
+        self.run_options = None
         if session.cuda_graph:
             graph_id = batch * (1 << 20) + slots  # one captured graph per bucket
+            self.run_options = ort.RunOptions()
             self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
         self.decode = session.session.io_binding()
         for name, value in (("input_ids", self.input_ids), ("position_ids", self.position_ids),
@@ -119,8 +122,9 @@ class StaticDecoderSession:
         self.past_names = tuple(n for n in self.input_names if n.startswith("past."))
         self.present_names = tuple(n.replace("past.", "present.", 1) for n in self.past_names)
         self._buckets: dict[tuple[int, int], _Bucket] = {}
-        self._uncaptured = ort.RunOptions()
+        self._uncaptured = None
         if self.cuda_graph:
+            self._uncaptured = ort.RunOptions()
             self._uncaptured.add_run_config_entry("gpu_graph_id", "-1")
 
     def bucket(self, batch: int, length: int | None = None) -> _Bucket:
