@@ -10,7 +10,10 @@ a row) back to the host; sampling reads the last position's logits.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -42,7 +45,7 @@ class _Bucket:
         # gets, and a missing key costs a caught exception, ~0.09 ms a step on CPU
         self.run_options = None
         if session.cuda_graph:
-            graph_id = batch * (1 << 20) + slots  # one captured graph per bucket
+            graph_id = next(session.graph_ids)  # one captured graph per bucket
             self.run_options = ort.RunOptions()
             self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
         self.decode = session.session.io_binding()
@@ -121,14 +124,20 @@ class StaticDecoderSession:
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.past_names = tuple(n for n in self.input_names if n.startswith("past."))
         self.present_names = tuple(n.replace("past.", "present.", 1) for n in self.past_names)
-        self._buckets: dict[tuple[int, int], _Bucket] = {}
+        self._idle: dict[tuple[int, int], list[_Bucket]] = {}  # buckets not in use, least recently used first
+        self._lock = threading.Lock()
+        # ORT captures and replays CUDA graphs for one thread at a time: concurrent generations take turns
+        # per step (prefill or decode); without graphs ORT runs them concurrently
+        self._run_lock = threading.Lock() if self.cuda_graph else contextlib.nullcontext()
+        self.graph_ids = itertools.count(1)
         self._uncaptured = None
         if self.cuda_graph:
             self._uncaptured = ort.RunOptions()
             self._uncaptured.add_run_config_entry("gpu_graph_id", "-1")
 
-    def bucket(self, batch: int, length: int | None = None) -> _Bucket:
-        """The bucket for `batch` rows of up to `length` tokens each (prompt + new): power-of-two sizes."""
+    def acquire(self, batch: int, length: int | None = None) -> _Bucket:
+        """A bucket for `batch` rows of up to `length` tokens each (prompt + new), power-of-two sizes, for the
+        caller alone until `release`: concurrent generations never share a KV cache."""
         if not 1 <= batch <= self.max_batch:
             raise ValueError(f"batch {batch} is outside 1..{self.max_batch}")
         length = self.max_length if length is None else length
@@ -136,12 +145,32 @@ class StaticDecoderSession:
             raise ValueError(f"{length} tokens do not fit {self.max_length} cache slots")
         rows = min(1 << (batch - 1).bit_length(), self.max_batch)
         slots = min(max(self.min_slots, 1 << (max(length, 1) - 1).bit_length()), self.max_length)
-        key = (rows, slots)
-        bucket = self._buckets.pop(key, None) or _Bucket(self, rows, slots)
-        self._buckets[key] = bucket  # most recently used last
-        if not self.cuda_graph:
-            while len(self._buckets) > self.max_buckets:
-                self._buckets.pop(next(iter(self._buckets)))
+        with self._lock:
+            idle = self._idle.get((rows, slots))
+            if idle:
+                bucket = idle.pop()
+                if not idle:
+                    del self._idle[(rows, slots)]
+                return bucket
+        return _Bucket(self, rows, slots)
+
+    def release(self, bucket: _Bucket) -> None:
+        key = (bucket.batch, bucket.slots)
+        with self._lock:
+            idle = self._idle.pop(key, [])
+            idle.append(bucket)
+            self._idle[key] = idle  # most recently used last
+            if not self.cuda_graph:  # captured graphs pin their buffers: then every bucket stays
+                while sum(len(v) for v in self._idle.values()) > self.max_buckets:
+                    oldest = next(iter(self._idle))
+                    self._idle[oldest].pop(0)
+                    if not self._idle[oldest]:
+                        del self._idle[oldest]
+
+    def bucket(self, batch: int, length: int | None = None) -> _Bucket:
+        """acquire + release at once: for single-threaded callers (the export gate, benches, tests)."""
+        bucket = self.acquire(batch, length)
+        self.release(bucket)
         return bucket
 
     def prefill(self, bucket: _Bucket, prompts: Sequence[Sequence[int]], pad_id: int) -> np.ndarray:
@@ -156,7 +185,9 @@ class StaticDecoderSession:
         feeds = {"input_ids": ids, "position_ids": np.broadcast_to(np.arange(width), ids.shape).copy(),
                  "seqlens_k": (lengths - 1).astype(np.int32), "total_sequence_length": np.array(width, np.int32),
                  "last_index": (lengths - 1)[:, None]}
-        self.session.run_with_iobinding(bucket.prefill_binding(self, feeds), self._uncaptured)
+        binding = bucket.prefill_binding(self, feeds)
+        with self._run_lock:
+            self.session.run_with_iobinding(binding, self._uncaptured)
         return lengths
 
     def decode(self, bucket: _Bucket, tokens: np.ndarray, lengths: np.ndarray) -> None:
@@ -170,7 +201,8 @@ class StaticDecoderSession:
         # with CUDA graphs it is the cache size (keys past each row's length are masked by seqlens_k).
         total = bucket.slots if self.cuda_graph else int(lengths.max()) + 1
         bucket.total.update_inplace(np.array(total, np.int32))
-        self.session.run_with_iobinding(bucket.decode, bucket.run_options)
+        with self._run_lock:
+            self.session.run_with_iobinding(bucket.decode, bucket.run_options)
 
 
 def _provider_name(provider) -> str:
@@ -192,7 +224,15 @@ def generate_static(session: StaticDecoderSession, prompts_token_ids: Sequence[S
     rng = np.random.default_rng(params.seed)
     batch = len(prompts_token_ids)
     longest = max(len(p) for p in prompts_token_ids)
-    bucket = session.bucket(batch, min(longest + params.max_tokens, session.max_length))
+    bucket = session.acquire(batch, min(longest + params.max_tokens, session.max_length))
+    try:
+        yield from _decode_loop(session, bucket, prompts_token_ids, params, pad, stop_ids, rng)
+    finally:  # also when the caller stops early (a cancelled stream closes this generator)
+        session.release(bucket)
+
+
+def _decode_loop(session, bucket, prompts_token_ids, params, pad, stop_ids, rng) -> Iterator[StepOutput]:
+    batch = len(prompts_token_ids)
     lengths = session.prefill(bucket, prompts_token_ids, pad)
     room = bucket.slots - int(lengths.max())
     max_tokens = min(params.max_tokens, room)

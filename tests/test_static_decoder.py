@@ -42,7 +42,7 @@ def test_greedy_tokens_equal_transformers_on_a_right_padded_batch(exported, kind
     expected = [transformers_greedy(model, [p], 24, 0)[0] for p in prompts]
     session = _session(path)
     assert generate_all_static(session, prompts, SamplingParams(max_tokens=24, temperature=0)) == expected
-    assert sorted(session._buckets) == [(4, 64)]  # 4 rows; the longest prompt + 24 tokens fits 64 slots
+    assert sorted(session._idle) == [(4, 64)]  # 4 rows; the longest prompt + 24 tokens fits 64 slots
 
 
 @pytest.mark.parametrize("kind", ["gpt_neo", "gpt2", "llama"])
@@ -108,8 +108,24 @@ def test_buckets_follow_the_request_and_old_ones_go(exported):
     params = SamplingParams(max_tokens=4, temperature=0)
     for prompts in ([[5] * 10], [[5] * 10, [6] * 3], [[5] * 40]):
         generate_all_static(session, prompts, params)
-    assert list(session._buckets) == [(2, 16), (1, 64)]  # (1, 16) was the least recently used
-    assert [b.cache[0].shape()[2] for b in session._buckets.values()] == [16, 64]
+    assert list(session._idle) == [(2, 16), (1, 64)]  # (1, 16) was the least recently used
+    assert [b.cache[0].shape()[2] for idle in session._idle.values() for b in idle] == [16, 64]
+
+
+def test_concurrent_generations_never_share_a_cache(exported):
+    """Threads decoding at once (a replica serving several streams) each get their own KV buffers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, path = exported["gpt_neo"]
+    session = _session(path)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 1000, 20).tolist() for _ in range(4)]  # one bucket shape for all four
+    params = SamplingParams(max_tokens=24, temperature=0)
+    alone = [generate_all_static(session, [p], params)[0] for p in prompts]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda p: generate_all_static(session, [p], params)[0], prompts))
+    assert together == alone
+    assert 1 <= len(session._idle[(1, 64)]) <= 4  # released again; the extra ones were made on demand
 
 
 @pytest.mark.slow
