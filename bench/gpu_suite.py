@@ -353,7 +353,7 @@ def section_gptneo(args) -> None:
             got, ref = bucket.logits.numpy()[0], reference[len(prompt) - 1 + i]
             diffs.append(float(np.max(np.abs(got - ref))))
             agree.append(int(got.argmax() == ref.argmax()))
-            session.decode(bucket, np.array([tokens[i]]), lengths)
+            session.decode(bucket, np.array([tokens[i]]), int(lengths.max()) + 1)
             lengths = lengths + 1
         return {"max_abs_diff": max(diffs), "top1_agree": f"{sum(agree)}/{len(agree)}"}
 
@@ -455,7 +455,7 @@ def profile_decode(static_sessions: dict, steps: int = 20) -> dict:
     lengths = session.prefill(bucket, [[11, 12, 13, 14, 15, 16, 17, 18]], 0)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            session.decode(bucket, np.array([42]), lengths)
+            session.decode(bucket, None, int(lengths.max()) + 1)
             lengths = lengths + 1
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.self_device_time_total > 0]

@@ -12,7 +12,10 @@ Inputs:  input_ids [b, s] int64, position_ids [b, s] int64 (absent for RoPE mode
          total_sequence_length [] int32 (the longest of those + 1; read on the host),
          last_index [b, 1] int64 (position in this call whose logits come out: len-1 at prefill, 0 after),
          past.{i}.key / .value [b, kv_heads, max_length, head_dim]
-Outputs: logits [b, vocab] float32, next_token [b] int64, present.{i}.key / .value (same buffers)
+Outputs: logits [b, vocab] float32, next_token [b] int64,
+         next_input_ids [b, 1], next_position_ids [b, 1] (absent for RoPE models), next_seqlens_k [b]:
+         the next decode step's inputs, computed on the device (greedy token, position and length + 1),
+         present.{i}.key / .value (same buffers as past)
 
 Prompts are right-padded (GQA reads each row's length from seqlens_k; the cache slots after a
 short row's end are overwritten by its own next tokens before anything reads them).
@@ -70,8 +73,9 @@ def io_names(num_layers: int, positions: bool = True) -> tuple[tuple[str, ...], 
     past = [f"past.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
     first = ("input_ids", "position_ids") if positions else ("input_ids",)
+    step = ("next_input_ids", "next_position_ids") if positions else ("next_input_ids",)
     return ((*first, "seqlens_k", "total_sequence_length", "last_index", *past),
-            ("logits", "next_token", *present))
+            ("logits", "next_token", *step, "next_seqlens_k", *present))
 
 
 # --- ONNX Runtime contrib ops, traced through autograd Functions -------------------------
@@ -224,7 +228,10 @@ class _StaticDecoder(torch.nn.Module):
             present += [pk, pv]
         last = _GatherLast.apply(self.final_norm(hidden), last_index)
         logits = self.lm_head(last).float()
-        return (logits, logits.argmax(-1), *present)
+        token = logits.argmax(-1)
+        seqlens = seqlens_k + 1  # after a prefill: each row's length; after a decode step: one more
+        step = (token[:, None],) if self.rotary else (token[:, None], seqlens[:, None].to(torch.int64))
+        return (logits, token, *step, seqlens, *present)
 
 
 def _example_inputs(wrapper: _StaticDecoder, batch: int = 2, seq: int = 3):
@@ -242,9 +249,11 @@ def _example_inputs(wrapper: _StaticDecoder, batch: int = 2, seq: int = 3):
 def _dynamic_axes(input_names, output_names):
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "position_ids": {0: "batch", 1: "sequence"},
             "seqlens_k": {0: "batch"}, "last_index": {0: "batch"}, "logits": {0: "batch"},
-            "next_token": {0: "batch"}}
-    for name in (*input_names[-len(output_names) + 2:], *output_names[2:]):
-        axes[name] = {0: "batch", 2: "max_length"}
+            "next_token": {0: "batch"}, "next_input_ids": {0: "batch"}, "next_position_ids": {0: "batch"},
+            "next_seqlens_k": {0: "batch"}}
+    for name in (*input_names, *output_names):
+        if name.startswith(("past.", "present.")):
+            axes[name] = {0: "batch", 2: "max_length"}
     return {name: axis for name, axis in axes.items() if name in input_names or name in output_names}
 
 

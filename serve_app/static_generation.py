@@ -25,8 +25,16 @@ from .generation import SamplingParams, StepOutput, collect, row_updates, sample
 INFO_FILE = "static_decoder.json"  # written by export_jobs.static_decoder
 
 
+_STEP_INPUTS = ("input_ids", "position_ids", "seqlens_k")  # each has a next_* output of the same shape
+
+
 class _Bucket:
-    """Buffers for one (batch, cache slots) shape: the KV cache, a decode step's inputs and outputs, a binding."""
+    """Buffers for one (batch, cache slots) shape: the KV cache, two sets of step inputs, their bindings.
+
+    A decode step reads one set and writes the next step's inputs (the greedy token, position and
+    length + 1, computed in the graph) into the other, so greedy decoding copies nothing to the device
+    per step. Two bindings alternate, A -> B then B -> A; under CUDA graphs each is its own graph.
+    """
 
     def __init__(self, session: "StaticDecoderSession", batch: int, slots: int):
         self.batch, self.slots = batch, slots
@@ -34,54 +42,64 @@ class _Bucket:
         shape = (batch, session.num_kv_heads, slots, session.head_dim)
         self.cache = [ort.OrtValue.ortvalue_from_shape_and_type(shape, session.dtype, *where)
                       for _ in session.past_names]
-        self.input_ids = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1), np.int64, *where)
-        self.position_ids = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1), np.int64, *where)
-        self.seqlens_k = ort.OrtValue.ortvalue_from_shape_and_type((batch,), np.int32, *where)
+        shapes = {"input_ids": ((batch, 1), np.int64), "position_ids": ((batch, 1), np.int64),
+                  "seqlens_k": ((batch,), np.int32)}
+        self.sets = [{name: ort.OrtValue.ortvalue_from_shape_and_type(*shapes[name], *where)
+                      for name in _STEP_INPUTS if name in session.input_names} for _ in range(2)]
         self.last_index = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1), np.int64), *where)
         self.total = ort.OrtValue.ortvalue_from_shape_and_type((), np.int32, "cpu", 0)  # GQA reads it on the host
         self.logits = ort.OrtValue.ortvalue_from_shape_and_type((batch, session.vocab_size), np.float32, *where)
         self.next_token = ort.OrtValue.ortvalue_from_shape_and_type((batch,), np.int64, *where)
-        # None without graphs: onnxruntime's Python wrapper looks up gpu_graph_id in any RunOptions it
-        # gets, and a missing key costs a caught exception, ~0.09 ms a step on CPU
-        self.run_options = None
-        if session.cuda_graph:
-            graph_id = next(session.graph_ids)  # one captured graph per bucket
-            self.run_options = ort.RunOptions()
-            self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
-        self.decode = session.session.io_binding()
-        for name, value in (("input_ids", self.input_ids), ("position_ids", self.position_ids),
-                            ("seqlens_k", self.seqlens_k), ("total_sequence_length", self.total),
-                            ("last_index", self.last_index)):
-            if name in session.input_names:
-                self.decode.bind_ortvalue_input(name, value)
-        self._bind_cache_and_outputs(session, self.decode)
+        self.current = 0  # the set that holds the next decode step's inputs
+        self.bindings, self.run_options = [], []
+        for i in range(2):
+            binding = session.session.io_binding()
+            for name, value in self.sets[i].items():
+                binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_input("total_sequence_length", self.total)
+            binding.bind_ortvalue_input("last_index", self.last_index)
+            self._bind_outputs(session, binding, self.sets[1 - i])
+            self.bindings.append(binding)
+            # None without graphs: onnxruntime's Python wrapper looks up gpu_graph_id in any RunOptions it
+            # gets, and a missing key costs a caught exception, ~0.09 ms a step on CPU
+            options = None
+            if session.cuda_graph:
+                options = ort.RunOptions()
+                options.add_run_config_entry("gpu_graph_id", str(next(session.graph_ids)))
+            self.run_options.append(options)
         if session.cuda_graph:
             self._capture(session)
 
     def _capture(self, session) -> None:
-        """Capture this bucket's decode graph now, on dummy rows, not in the middle of a generation.
+        """Capture both decode graphs now, on dummy rows, not in the middle of a generation.
 
         ONNX Runtime captures on a later run than the first, and the capturing run itself executes
-        nothing: mid-generation, that step's token and cache slot would be lost. Slot 0 of the cache
-        holds junk afterwards, which the next prefill overwrites.
+        nothing: mid-generation, that step's token and cache slot would be lost. The cache holds junk
+        afterwards, which the next prefill overwrites (or, past a row's length, its own next tokens).
         """
         zeros = np.zeros(self.batch, np.int64)
-        for _ in range(3):
-            session.decode(self, zeros, zeros)
+        for name, value in self.sets[0].items():
+            value.update_inplace(zeros.reshape(value.shape()).astype(value.numpy().dtype))
+        for _ in range(6):  # three runs each of A -> B and B -> A
+            session.decode(self)
 
-    def _bind_cache_and_outputs(self, session, binding) -> None:
+    def _bind_outputs(self, session, binding, next_inputs: dict) -> None:
         for past, present, value in zip(session.past_names, session.present_names, self.cache):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)  # the same buffer: GQA updates it in place
         binding.bind_ortvalue_output("logits", self.logits)
         binding.bind_ortvalue_output("next_token", self.next_token)
+        for name, value in next_inputs.items():
+            binding.bind_ortvalue_output(f"next_{name}", value)
 
     def prefill_binding(self, session, feeds: dict[str, np.ndarray]):
+        """A binding for a prefill: host inputs; the first decode step's inputs land in set 0."""
         binding = session.session.io_binding()
         for name, value in feeds.items():
             if name in session.input_names:
                 binding.bind_cpu_input(name, value)
-        self._bind_cache_and_outputs(session, binding)
+        self._bind_outputs(session, binding, self.sets[0])
+        self.current = 0
         return binding
 
 
@@ -190,19 +208,22 @@ class StaticDecoderSession:
             self.session.run_with_iobinding(binding, self._uncaptured)
         return lengths
 
-    def decode(self, bucket: _Bucket, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """One step: row r's token goes to cache slot lengths[r] (its position)."""
-        bucket.input_ids.update_inplace(tokens.reshape(bucket.batch, 1).astype(np.int64))
-        if "position_ids" in self.input_names:
-            bucket.position_ids.update_inplace(lengths.reshape(bucket.batch, 1).astype(np.int64))
-        bucket.seqlens_k.update_inplace(lengths.astype(np.int32))
+    def decode(self, bucket: _Bucket, tokens: np.ndarray | None = None, total: int | None = None) -> None:
+        """One step on the inputs the previous step (or the prefill) left on the device.
+
+        tokens: replace the device's greedy pick (sampling, min_tokens, finished rows) with these.
+        total: the longest row after this step (tokens in the cache), needed without CUDA graphs.
+        """
+        inputs = bucket.sets[bucket.current]
+        if tokens is not None:
+            inputs["input_ids"].update_inplace(np.asarray(tokens, np.int64).reshape(bucket.batch, 1))
         # GQA sizes its flash-decoding splits (and, in flash, which key blocks each split visits) from
         # total_sequence_length on the host; a captured graph keeps the value it was captured with, so
         # with CUDA graphs it is the cache size (keys past each row's length are masked by seqlens_k).
-        total = bucket.slots if self.cuda_graph else int(lengths.max()) + 1
-        bucket.total.update_inplace(np.array(total, np.int32))
+        bucket.total.update_inplace(np.array(bucket.slots if self.cuda_graph or total is None else total, np.int32))
         with self._run_lock:
-            self.session.run_with_iobinding(bucket.decode, bucket.run_options)
+            self.session.run_with_iobinding(bucket.bindings[bucket.current], bucket.run_options[bucket.current])
+        bucket.current = 1 - bucket.current
 
 
 def _provider_name(provider) -> str:
@@ -238,7 +259,8 @@ def _decode_loop(session, bucket, prompts_token_ids, params, pad, stop_ids, rng)
     max_tokens = min(params.max_tokens, room)
     reasons: list[str | None] = [None] * batch
     for step in range(max_tokens):
-        if params.greedy and not (step < params.min_tokens and stop_ids.size):
+        picked_on_device = params.greedy and not (step < params.min_tokens and stop_ids.size)
+        if picked_on_device:
             tokens = bucket.next_token.numpy()
         else:
             last = bucket.logits.numpy()
@@ -249,8 +271,8 @@ def _decode_loop(session, bucket, prompts_token_ids, params, pad, stop_ids, rng)
         yield StepOutput(step, emitted, tuple(reasons))
         if all(r is not None for r in reasons):
             return
-        done = np.array([r is not None for r in reasons] + [True] * (bucket.batch - batch))
-        session.decode(bucket, np.where(done, pad, tokens), lengths)
+        # greedy: the device already holds the next inputs (finished rows decode on, unread)
+        session.decode(bucket, None if picked_on_device else tokens, int(lengths.max()) + 1)
         lengths = lengths + 1
 
 
