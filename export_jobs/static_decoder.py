@@ -375,33 +375,3 @@ def export_static_decoder(model, out_path: str | Path, max_length: int, opset: i
     info.save(out_path.parent)
     return info
 
-
-def quantize_weights_8bit(src: str | Path, dst: str | Path, block_size: int = 32) -> dict[str, int]:
-    """8-bit weight-only copy of a static decoder graph: every MatMul with a constant weight becomes
-    MatMulNBits (symmetric, one fp scale per `block_size` weights). Decoding at batch 1 streams the weights
-    once per token, so half the bytes is close to half the GEMM time; activations stay fp16/fp32.
-    Copies static_decoder.json beside `dst`. Returns the op counts of interest."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
-    import logging
-
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    src, dst = Path(src), Path(dst)
-    model = onnx.load(str(src), load_external_data=True)
-    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, bits=8)
-    quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=True, algo_config=config)
-    quantizer.process()
-    proto = quantizer.model.model
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    data_name = dst.name + ".data"
-    for stale in (dst, dst.parent / data_name):
-        stale.unlink(missing_ok=True)
-    if proto.ByteSize() > TWO_GB - 256 * 2**20 or sum(t.ByteSize() for t in proto.graph.initializer) > 2**30:
-        onnx.save_model(proto, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-    else:
-        onnx.save_model(proto, str(dst))
-    if src.parent != dst.parent:
-        (dst.parent / INFO_FILE).write_text((src.parent / INFO_FILE).read_text())
-    counts = collections.Counter(n.op_type for n in proto.graph.node)
-    return {"MatMulNBits": counts.get("MatMulNBits", 0), "MatMul": counts.get("MatMul", 0)}
