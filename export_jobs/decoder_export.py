@@ -22,6 +22,7 @@ import enum
 import json
 import tempfile
 from pathlib import Path
+from typing import ClassVar
 
 import onnx
 import torch
@@ -40,8 +41,42 @@ class Exporter(enum.Enum):
     TORCHSCRIPT = "torchscript"  # torch.onnx.export(dynamo=False)
 
 
+class JsonInfo:
+    """save/load of a frozen dataclass as `info_file` beside a graph; `tuple_fields` come back as tuples."""
+
+    info_file: ClassVar[str]
+    tuple_fields: ClassVar[tuple[str, ...]] = ()
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / self.info_file
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path):
+        raw = json.loads((Path(directory) / cls.info_file).read_text())
+        for key in cls.tuple_fields:
+            raw[key] = tuple(raw[key])
+        return cls(**raw)
+
+
+def save_graph(proto: onnx.ModelProto, out_path: Path, external_data: bool) -> None:
+    """Write `proto` to out_path, its weights to one `<name>.data` file beside it when external_data."""
+    data_name = out_path.name + ".data"
+    for stale in (out_path, out_path.parent / data_name):
+        stale.unlink(missing_ok=True)
+    if external_data:
+        onnx.save_model(proto, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(out_path))
+
+
 @dataclasses.dataclass(frozen=True)
-class DecoderExportInfo:
+class DecoderExportInfo(JsonInfo):
+    info_file: ClassVar[str] = INFO_FILE
+    tuple_fields: ClassVar[tuple[str, ...]] = ("eos_token_ids", "input_names", "output_names")
+
     model_type: str
     num_layers: int
     num_kv_heads: int
@@ -54,18 +89,6 @@ class DecoderExportInfo:
     dtype: str  # numpy name of the KV cache / logits dtype: "float32" or "float16"
     exporter: str
     external_data: bool
-
-    def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / INFO_FILE
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=2))
-        return path
-
-    @classmethod
-    def load(cls, directory: str | Path) -> "DecoderExportInfo":
-        raw = json.loads((Path(directory) / INFO_FILE).read_text())
-        for key in ("eos_token_ids", "input_names", "output_names"):
-            raw[key] = tuple(raw[key])
-        return cls(**raw)
 
 
 def spec_for(config) -> DecoderSpec:
@@ -230,16 +253,7 @@ def export_decoder(
         _export_raw(wrapper, args, raw, exporter, opset, input_names, output_names)
         proto = onnx.load(str(raw), load_external_data=True)
         _check_io(proto, input_names, output_names)
-        data_name = out_path.name + ".data"
-        for stale in (out_path, out_path.parent / data_name):
-            stale.unlink(missing_ok=True)
-        if external_data:
-            onnx.save_model(
-                proto, str(out_path), save_as_external_data=True,
-                all_tensors_to_one_file=True, location=data_name, size_threshold=1024,
-            )
-        else:
-            onnx.save_model(proto, str(out_path))
+        save_graph(proto, out_path, bool(external_data))
     info = DecoderExportInfo(
         model_type=config.model_type,
         num_layers=num_layers,

@@ -26,23 +26,26 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import math
 import tempfile
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import onnx
 import torch
 
-from .decoder_export import TWO_GB, _eos_ids
+from .decoder_export import TWO_GB, JsonInfo, _eos_ids, save_graph
 
 INFO_FILE = "static_decoder.json"
 SUPPORTED = ("gpt_neo", "gpt2", "llama", "mistral", "qwen2")
 
 
 @dataclasses.dataclass(frozen=True)
-class StaticDecoderInfo:
+class StaticDecoderInfo(JsonInfo):
+    info_file: ClassVar[str] = INFO_FILE
+    tuple_fields: ClassVar[tuple[str, ...]] = ("eos_token_ids",)
+
     model_type: str
     num_layers: int
     num_heads: int
@@ -55,17 +58,6 @@ class StaticDecoderInfo:
     opset: int
     external_data: bool
     fused_operators: dict[str, int] = dataclasses.field(default_factory=dict)
-
-    def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / INFO_FILE
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=2))
-        return path
-
-    @classmethod
-    def load(cls, directory: str | Path) -> "StaticDecoderInfo":
-        raw = json.loads((Path(directory) / INFO_FILE).read_text())
-        raw["eos_token_ids"] = tuple(raw["eos_token_ids"])
-        return cls(**raw)
 
 
 def io_names(num_layers: int, positions: bool = True) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -358,14 +350,7 @@ def export_static_decoder(model, out_path: str | Path, max_length: int, opset: i
         got = tuple(i.name for i in proto.graph.input), tuple(o.name for o in proto.graph.output)
         if got != (input_names, output_names):
             raise RuntimeError(f"static decoder io mismatch: {got[0][:6]}..., {got[1][:3]}...")
-        data_name = out_path.name + ".data"
-        for stale in (out_path, out_path.parent / data_name):
-            stale.unlink(missing_ok=True)
-        if external_data:
-            onnx.save_model(proto, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-        else:
-            onnx.save_model(proto, str(out_path))
+        save_graph(proto, out_path, bool(external_data))
     info = StaticDecoderInfo(
         model_type=model.config.model_type, num_layers=len(wrapper.layers), num_heads=wrapper.heads,
         num_kv_heads=wrapper.kv_heads, head_dim=wrapper.head_dim, vocab_size=model.config.vocab_size,
