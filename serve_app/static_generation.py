@@ -1,12 +1,12 @@
 """Decode loop over a static-cache decoder graph (export_jobs/static_decoder.py).
 
-numpy + onnxruntime only. The KV cache is one preallocated buffer per batch bucket (1, 2, 4, ...),
-bound as both past and present, so GQA writes each step's keys and values in place. A decode
-step's inputs live in fixed buffers too; on the CUDA EP with `cuda_graph=True` each bucket's
-decode step is captured once as a CUDA graph and replayed (ONNX Runtime's `gpu_graph_id`),
-which removes the per-kernel launch cost that dominates small-batch decoding. The prefill
-(variable length) runs uncaptured. Greedy decoding reads only the graph's `next_token` (8 bytes
-a row) back to the host; sampling reads the last position's logits.
+numpy + onnxruntime only. Each generation checks out a bucket: a KV buffer sized to its request
+(power-of-two rows and cache slots), bound as both past and present so that GQA writes each step's
+keys and values in place, plus two sets of step inputs that the graph fills for the next step (greedy
+token, position, length). On the CUDA EP each bucket's two decode graphs are captured once and
+replayed (ONNX Runtime's `gpu_graph_id`), which removes the per-kernel launch cost that dominates
+small-batch decoding; the prefill (variable length) runs uncaptured. Greedy decoding reads back only
+`next_token` (8 bytes a row); sampling reads the last position's logits and writes its token back.
 """
 from __future__ import annotations
 
@@ -192,7 +192,8 @@ class StaticDecoderSession:
         return bucket
 
     def prefill(self, bucket: _Bucket, prompts: Sequence[Sequence[int]], pad_id: int) -> np.ndarray:
-        """Right-padded prompts -> the KV cache filled; returns the last real position's logits [bucket, vocab]."""
+        """Right-padded prompts -> the KV cache filled, the first decode step's inputs in place, the last real
+        position's logits and greedy token in bucket.logits / bucket.next_token. Returns each row's length."""
         lengths = np.array([len(p) for p in prompts] + [1] * (bucket.batch - len(prompts)), np.int64)
         width = int(lengths.max())
         if width >= bucket.slots:
