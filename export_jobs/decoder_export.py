@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import inspect
 import json
 import tempfile
 from pathlib import Path
@@ -110,6 +111,18 @@ def io_names(num_layers: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
 # --- the traced wrapper ------------------------------------------------------------------
 
 
+def cache_argument(model) -> str:
+    """transformers renamed forward's `past_key_values` to `cache` (5.2x; the old name goes in 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(out):
+    """The KV cache a forward returned, under either name."""
+    cache = out.get("cache")
+    return cache if cache is not None else out.get("past_key_values")
+
+
+
 class _FlatCacheDecoder(torch.nn.Module):
     """Flat tensors in, flat tensors out: what an ONNX graph can carry."""
 
@@ -126,13 +139,13 @@ class _FlatCacheDecoder(torch.nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
             return_dict=True,
+            **{cache_argument(self.model): cache},
         )
         present = []
         for i in range(self.num_layers):
-            layer = out.past_key_values.layers[i]
+            layer = returned_cache(out).layers[i]
             present += [layer.keys, layer.values]
         return (out.logits, *present)
 

@@ -16,6 +16,7 @@ from transformers import DynamicCache
 
 from serve_app.generation import DecoderSession, SamplingParams, generate_all, left_pad, positions_from_mask
 
+from .decoder_export import cache_argument, returned_cache
 from .validate import ExportError, ParityError
 
 
@@ -51,8 +52,8 @@ def logits_parity(model, session: DecoderSession, prompts: Sequence[Sequence[int
         return torch.from_numpy(x).to(model.device)
 
     with torch.no_grad():
-        ref = model(input_ids=t(ids), attention_mask=t(mask), position_ids=t(pos),
-                    past_key_values=DynamicCache(), use_cache=True)
+        ref = model(input_ids=t(ids), attention_mask=t(mask), position_ids=t(pos), use_cache=True,
+                    **{cache_argument(model): DynamicCache()})
     logits, past = session.step(ids, mask, pos, session.empty_past(len(prompts)))
     expected = ref.logits.float().cpu().numpy()
     prefill = _max_abs(_real_rows(mask, expected), _real_rows(mask, logits))
@@ -62,8 +63,8 @@ def logits_parity(model, session: DecoderSession, prompts: Sequence[Sequence[int
         mask = np.concatenate([mask, np.ones_like(nxt)], axis=1)
         pos = pos[:, -1:] + 1
         with torch.no_grad():
-            ref = model(input_ids=t(nxt), attention_mask=t(mask), position_ids=t(pos),
-                        past_key_values=ref.past_key_values, use_cache=True)
+            ref = model(input_ids=t(nxt), attention_mask=t(mask), position_ids=t(pos), use_cache=True,
+                        **{cache_argument(model): returned_cache(ref)})
         logits, past = session.step(nxt, mask, pos, past)
         expected = ref.logits.float().cpu().numpy()
         decode = max(decode, _max_abs(expected, logits))
