@@ -122,7 +122,6 @@ def returned_cache(out):
     return cache if cache is not None else out.get("past_key_values")
 
 
-
 class _FlatCacheDecoder(torch.nn.Module):
     """Flat tensors in, flat tensors out: what an ONNX graph can carry."""
 
@@ -221,6 +220,11 @@ def _export_raw(wrapper, args, path: Path, exporter: Exporter, opset, input_name
         )
 
 
+def needs_external_data(model) -> bool:
+    """Weights over 2 GB (less room for the graph itself) cannot sit inside one protobuf."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()) > TWO_GB - 256 * 2**20
+
+
 def _check_io(model_proto, input_names, output_names):
     got_in = tuple(i.name for i in model_proto.graph.input)
     got_out = tuple(o.name for o in model_proto.graph.output)
@@ -256,8 +260,7 @@ def export_decoder(
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if external_data is None:
-        size = sum(p.numel() * p.element_size() for p in model.parameters())
-        external_data = size > TWO_GB - 256 * 2**20  # leave room for the graph itself
+        external_data = needs_external_data(model)
 
     wrapper = _FlatCacheDecoder(model, num_layers).eval()
     args = _example_inputs(model, num_layers, kv_heads, head_dim)

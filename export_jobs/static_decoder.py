@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 import torch
 
-from .decoder_export import TWO_GB, JsonInfo, _eos_ids, save_graph
+from .decoder_export import JsonInfo, _check_io, _eos_ids, needs_external_data, save_graph
 
 INFO_FILE = "static_decoder.json"
 SUPPORTED = ("gpt_neo", "gpt2", "llama", "mistral", "qwen2")
@@ -199,7 +199,7 @@ class _StaticDecoder(torch.nn.Module):
         self.register_buffer("sin", sin[0, :, :half].contiguous(), persistent=False)
 
     def embed(self, input_ids, position_ids):
-        if self.kind in ("gpt_neo", "gpt2"):
+        if not self.rotary:  # GPT-Neo, GPT-2: learned absolute positions
             return self.base.wte(input_ids) + self.base.wpe(position_ids)
         return self.base.embed_tokens(input_ids)
 
@@ -338,8 +338,7 @@ def export_static_decoder(model, out_path: str | Path, max_length: int, opset: i
     wrapper = _StaticDecoder(model, max_length).eval()
     input_names, output_names = io_names(len(wrapper.layers), positions=not wrapper.rotary)
     if external_data is None:
-        size = sum(p.numel() * p.element_size() for p in model.parameters())
-        external_data = size > TWO_GB - 256 * 2**20
+        external_data = needs_external_data(model)
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp, torch.no_grad():
         raw = Path(tmp) / "raw.onnx"
         torch.onnx.export(wrapper, _example_inputs(wrapper), str(raw), input_names=list(input_names),
@@ -347,9 +346,7 @@ def export_static_decoder(model, out_path: str | Path, max_length: int, opset: i
                           opset_version=opset, do_constant_folding=True, dynamo=False,
                           custom_opsets={"com.microsoft": 1})
         proto, fused = _fuse(raw, wrapper)
-        got = tuple(i.name for i in proto.graph.input), tuple(o.name for o in proto.graph.output)
-        if got != (input_names, output_names):
-            raise RuntimeError(f"static decoder io mismatch: {got[0][:6]}..., {got[1][:3]}...")
+        _check_io(proto, input_names, output_names)
         save_graph(proto, out_path, bool(external_data))
     info = StaticDecoderInfo(
         model_type=model.config.model_type, num_layers=len(wrapper.layers), num_heads=wrapper.heads,

@@ -177,13 +177,20 @@ def sample_next(logits: np.ndarray, params: SamplingParams, rng: np.random.Gener
     return np.minimum(picked, probs.shape[-1] - 1).astype(np.int64)
 
 
-def generate(session: DecoderSession, prompts_token_ids: Sequence[Sequence[int]], params: SamplingParams,
-             pad_token_id: int | None = None) -> Iterator[StepOutput]:
-    """Decode a batch of prompts together (left padded); yield the new token of every row per step."""
-    eos = () if params.ignore_eos else session.eos_token_ids
+def stop_ids_and_pad(eos_token_ids: Sequence[int], params: SamplingParams,
+                     pad_token_id: int | None) -> tuple[np.ndarray, int]:
+    """The token ids that end a row (stop tokens, and EOS unless ignored) and the pad id (default: EOS)."""
+    eos = () if params.ignore_eos else tuple(eos_token_ids)
     stop_ids = np.array(sorted(set(params.stop_token_ids) | set(eos)), np.int64)
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
+    return stop_ids, pad_token_id
+
+
+def generate(session: DecoderSession, prompts_token_ids: Sequence[Sequence[int]], params: SamplingParams,
+             pad_token_id: int | None = None) -> Iterator[StepOutput]:
+    """Decode a batch of prompts together (left padded); yield the new token of every row per step."""
+    stop_ids, pad_token_id = stop_ids_and_pad(session.eos_token_ids, params, pad_token_id)
     rng = np.random.default_rng(params.seed)
     input_ids, mask = left_pad(prompts_token_ids, pad_token_id)
     positions = positions_from_mask(mask)

@@ -20,12 +20,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .generation import SamplingParams, StepOutput, collect, row_updates, sample_next
+from .generation import SamplingParams, StepOutput, collect, row_updates, sample_next, stop_ids_and_pad
 
 INFO_FILE = "static_decoder.json"  # written by export_jobs.static_decoder
 
 
-_STEP_INPUTS = ("input_ids", "position_ids", "seqlens_k")  # each has a next_* output of the same shape
+def _step_inputs(batch: int) -> dict[str, tuple[tuple[int, ...], type]]:
+    """A decode step's device inputs (shape, dtype); the graph has a next_* output for each."""
+    return {"input_ids": ((batch, 1), np.int64), "position_ids": ((batch, 1), np.int64),
+            "seqlens_k": ((batch,), np.int32)}
 
 
 class _Bucket:
@@ -42,10 +45,9 @@ class _Bucket:
         shape = (batch, session.num_kv_heads, slots, session.head_dim)
         self.cache = [ort.OrtValue.ortvalue_from_shape_and_type(shape, session.dtype, *where)
                       for _ in session.past_names]
-        shapes = {"input_ids": ((batch, 1), np.int64), "position_ids": ((batch, 1), np.int64),
-                  "seqlens_k": ((batch,), np.int32)}
-        self.sets = [{name: ort.OrtValue.ortvalue_from_shape_and_type(*shapes[name], *where)
-                      for name in _STEP_INPUTS if name in session.input_names} for _ in range(2)]
+        self.sets = [{name: ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, *where)
+                      for name, (shape, dtype) in _step_inputs(batch).items() if name in session.input_names}
+                     for _ in range(2)]
         self.last_index = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1), np.int64), *where)
         self.total = ort.OrtValue.ortvalue_from_shape_and_type((), np.int32, "cpu", 0)  # GQA reads it on the host
         self.logits = ort.OrtValue.ortvalue_from_shape_and_type((batch, session.vocab_size), np.float32, *where)
@@ -77,9 +79,9 @@ class _Bucket:
         nothing: mid-generation, that step's token and cache slot would be lost. The cache holds junk
         afterwards, which the next prefill overwrites (or, past a row's length, its own next tokens).
         """
-        zeros = np.zeros(self.batch, np.int64)
-        for name, value in self.sets[0].items():
-            value.update_inplace(zeros.reshape(value.shape()).astype(value.numpy().dtype))
+        for name, (shape, dtype) in _step_inputs(self.batch).items():
+            if name in self.sets[0]:
+                self.sets[0][name].update_inplace(np.zeros(shape, dtype))
         for _ in range(6):  # three runs each of A -> B and B -> A
             session.decode(self)
 
@@ -120,7 +122,6 @@ class StaticDecoderSession:
         onnx_path = Path(onnx_path)
         if info is None:
             info = json.loads((onnx_path.parent / INFO_FILE).read_text())
-        self.num_layers = int(info["num_layers"])
         self.num_kv_heads = int(info["num_kv_heads"])
         self.head_dim = int(info["head_dim"])
         self.vocab_size = int(info["vocab_size"])
@@ -240,9 +241,7 @@ def generate_static(session: StaticDecoderSession, prompts_token_ids: Sequence[S
     """As serve_app.generation.generate, over a static-cache session (prompts right-padded)."""
     if not prompts_token_ids or any(len(p) == 0 for p in prompts_token_ids):
         raise ValueError("every prompt needs at least one token")
-    eos = () if params.ignore_eos else session.eos_token_ids
-    stop_ids = np.array(sorted(set(params.stop_token_ids) | set(eos)), np.int64)
-    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    stop_ids, pad = stop_ids_and_pad(session.eos_token_ids, params, pad_token_id)
     rng = np.random.default_rng(params.seed)
     batch = len(prompts_token_ids)
     longest = max(len(p) for p in prompts_token_ids)
