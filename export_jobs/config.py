@@ -62,7 +62,8 @@ class ServingOptions(BaseModel):
     num_gpus: float = Field(0.0, ge=0.0, description="GPU share per replica; fractional allowed.")
     num_cpus: float = Field(0.5, ge=0.0, description="Logical CPUs reserved; ONNX Runtime threads = max(1, int).")
     max_batch_size: int = Field(32, ge=1, le=4096)
-    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=1.0)
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0, description="Extra wait for a batch to fill once "
+                                        "the model is free; 0: greedy (requests that came while it ran go next).")
     max_ongoing_requests: int = Field(256, ge=1)
     max_queued_requests: int = Field(1024, ge=-1, description="-1: unbounded (not recommended).")
 

@@ -84,7 +84,7 @@ def build(app_config: AppConfig, entries: dict[str, manifest.ManifestEntry]) -> 
     from .deployments.ingress import Ingress
 
     root = str(Path(app_config.project.artifacts).resolve())
-    embedders, generators, cards = {}, {}, []
+    embedders, generators, cards, embed_batch = {}, {}, [], {}
     for cfg in app_config.project.models:
         entry = entries[cfg.id]
         cards.append(_card(entry))
@@ -92,6 +92,7 @@ def build(app_config: AppConfig, entries: dict[str, manifest.ManifestEntry]) -> 
             opts = deployment_options(cfg, f"embed-{cfg.id}")
             embedders[cfg.id] = Embedder.options(**opts).bind(
                 entry.model_dump(mode="json"), root, cfg.truncate, cfg.serving.num_cpus)
+            embed_batch[cfg.id] = cfg.serving.max_batch_size
         else:
             from .deployments.generator import Generator
 
@@ -102,7 +103,7 @@ def build(app_config: AppConfig, entries: dict[str, manifest.ManifestEntry]) -> 
     ingress = Ingress.options(num_replicas=server.ingress_replicas, max_ongoing_requests=server.max_ongoing_requests,
                               max_queued_requests=server.max_queued_requests,
                               ray_actor_options={"num_cpus": server.num_cpus})
-    return ingress.bind(embedders, cards, server.model_dump(mode="json"), generators)
+    return ingress.bind(embedders, cards, server.model_dump(mode="json"), generators, embed_batch)
 
 
 def graph(args: AppArgs) -> Application:

@@ -1,16 +1,19 @@
 """Embedding deployment: one ONNX Runtime session per replica, dynamic batching of small requests.
 
-Each request is tokenized and checked before it joins a batch, so a bad request fails alone.
+Each request is tokenized and checked before it joins a batch, so a bad request fails alone. Batches are
+greedy (serve_app.batching): a lone request runs at once; requests that arrive while the session runs
+go together in the next run.
 """
 from __future__ import annotations
 
 import asyncio
-import collections
 from typing import Any
 
 import numpy as np
 import ray
 from ray import serve
+
+from ..batching import GreedyBatcher
 
 from export_jobs import manifest
 
@@ -32,33 +35,37 @@ class Embedder:
         else:
             self.session = EncoderSession(parsed, root, truncate=truncate, use_gpu=use_gpu, threads=threads)
         self.model_id = parsed.id
-        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)
         self.max_rows = MAX_ROWS_PER_RUN
+        self.batcher = GreedyBatcher(self._run_batch, max_batch_size=32)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Batch settings change at run time (``serve deploy`` with a new user_config, no restart)."""
         if "max_batch_size" in user_config:
-            self._batched.set_max_batch_size(int(user_config["max_batch_size"]))
+            self.batcher.max_batch_size = int(user_config["max_batch_size"])
         if "batch_wait_timeout_s" in user_config:
-            self._batched.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+            self.batcher.wait_s = float(user_config["batch_wait_timeout_s"])
         self.max_rows = int(user_config.get("max_rows_per_run", self.max_rows))
 
     async def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         prepared = self.session.prepare(texts)  # raises InputTooLong before batching
-        vectors = await self._batched(prepared)
+        vectors = await self.batcher.submit(prepared)
         return vectors, sum(p.tokens for p in prepared)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _batched(self, requests: list[list[Prepared]]) -> list[np.ndarray]:
-        self.batch_sizes.append(len(requests))
+    async def embed_many(self, requests: list[list[str]]) -> list[tuple[np.ndarray, int] | Exception]:
+        """Several requests in one call (an ingress batches its own): each gets its vectors or its own error."""
+        results = await asyncio.gather(*(self.embed(texts) for texts in requests), return_exceptions=True)
+        return [r if not isinstance(r, BaseException) or isinstance(r, Exception) else RuntimeError(repr(r))
+                for r in results]
+
+    async def _run_batch(self, requests: list[list[Prepared]]) -> list[np.ndarray]:
         rows = [item for request in requests for item in request]
         vectors = await asyncio.to_thread(self.session.run_sorted, rows, self.max_rows)
         bounds = np.cumsum([0] + [len(r) for r in requests])
         return [vectors[bounds[i] : bounds[i + 1]] for i in range(len(requests))]
 
     def batch_stats(self) -> list[int]:
-        """Requests per executed batch, most recent last (for tests and tuning)."""
-        return list(self.batch_sizes)
+        """Requests per executed session run, most recent last (for tests and tuning)."""
+        return list(self.batcher.sizes)
 
     def info(self) -> dict[str, Any]:
         return {"id": self.model_id, "dim": self.session.dim, "max_length": self.session.max_length}

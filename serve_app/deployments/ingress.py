@@ -11,6 +11,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from .. import errors, openai_format
+from ..batching import GreedyBatcher
 from ..errors import InvalidRequest, ModelNotFound, NotReady
 from ..http_guards import GuardMiddleware
 from ..schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, EmbeddingResponse, Health, ModelCard, ModelList
@@ -19,6 +20,9 @@ from ..settings import ServerSettings
 api = FastAPI(title="onnx-serve", version="0.1.0",
               description="OpenAI-shaped HTTP API over ONNX Runtime models served by Ray Serve.")
 errors.install(api)
+
+
+INGRESS_IN_FLIGHT = 4  # merged calls one ingress replica keeps open to one embedder
 
 
 def _encode(vector: np.ndarray, fmt: str) -> list[float] | str:
@@ -31,8 +35,13 @@ def _encode(vector: np.ndarray, fmt: str) -> list[float] | str:
 @serve.ingress(api)
 class Ingress:
     def __init__(self, embedders: dict[str, DeploymentHandle], cards: list[dict[str, Any]],
-                 settings: dict[str, Any], generators: Optional[dict[str, DeploymentHandle]] = None):
+                 settings: dict[str, Any], generators: Optional[dict[str, DeploymentHandle]] = None,
+                 embed_batch: Optional[dict[str, int]] = None):
         self.embedders, self.generators = embedders, generators or {}
+        # Requests for a batched model are merged here too, so the embedder replica receives one call per
+        # batch instead of one per request: at concurrency 256 its per-call cost, not the GPU, was the cap.
+        self.batchers = {model: GreedyBatcher(self._embed_many(self.embedders[model]), size, max_in_flight=INGRESS_IN_FLIGHT)
+                         for model, size in (embed_batch or {}).items() if size > 1 and model in self.embedders}
         self.cards = {card["id"]: ModelCard.model_validate(card) for card in cards}
         self.settings = ServerSettings.model_validate(settings)
         api.add_middleware(GuardMiddleware, max_body_bytes=self.settings.max_body_bytes,
@@ -59,6 +68,11 @@ class Ingress:
                     raise
                 raise mapped from None
 
+    def _embed_many(self, handle: DeploymentHandle):
+        async def run(requests: list[list[str]]) -> list:
+            return await self._call(lambda: handle.embed_many.remote(requests), retry=True)
+        return run
+
     def _check_texts(self, texts: list[str], field: str) -> None:
         limit = self.settings.max_inputs_per_request
         if not texts:
@@ -81,7 +95,11 @@ class Ingress:
         dim = self.cards[request.model].dim
         if request.dimensions is not None and request.dimensions != dim:
             raise InvalidRequest(f"dimensions must be {dim} for {request.model}", "dimensions")
-        vectors, tokens = await self._call(lambda: handle.embed.remote(texts), retry=True)
+        batcher = self.batchers.get(request.model)
+        if batcher is None:
+            vectors, tokens = await self._call(lambda: handle.embed.remote(texts), retry=True)
+        else:
+            vectors, tokens = await self._call(lambda: batcher.submit(texts))
         data = [{"object": "embedding", "index": i, "embedding": _encode(v, request.encoding_format)}
                 for i, v in enumerate(vectors)]
         return JSONResponse({"object": "list", "data": data, "model": request.model,

@@ -1,0 +1,95 @@
+"""Greedy dynamic batching: nobody waits for company while the model is idle; while it is busy,
+requests pile up and the next batch takes all of them.
+
+Ray Serve's ``@serve.batch`` forms the next batch as soon as the previous one has been formed, before it
+has run, so with a short wait it sends many small batches to a busy model, and with a long wait it delays
+a lone request (measured on an H200: mean batch 6 at concurrency 256, and +5 ms per request at
+concurrency 1 with a 5 ms wait; BENCHMARKS.md). Here a batch is formed only when a run slot is free, which is what
+Triton's dynamic batcher does with no queue delay.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import Any, Awaitable, Callable, Generic, Sequence, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+logger = logging.getLogger("serve_app")
+
+
+class GreedyBatcher(Generic[T, R]):
+    """``await submit(item)`` returns ``run_batch(items)[i]`` for that item.
+
+    ``run_batch`` gets at most ``max_batch_size`` items and returns one result per item, in order; a result
+    that is an exception is raised to that item's caller alone, and an exception raised by ``run_batch``
+    goes to every caller in the batch. At most ``max_in_flight`` batches run at once. ``wait_s`` > 0
+    holds a batch that is not full for up to that long, once a slot is free.
+    """
+
+    def __init__(self, run_batch: Callable[[list[T]], Awaitable[Sequence[Any]]], max_batch_size: int,
+                 wait_s: float = 0.0, max_in_flight: int = 1):
+        if max_batch_size < 1 or max_in_flight < 1 or wait_s < 0:
+            raise ValueError("max_batch_size and max_in_flight must be >= 1, wait_s >= 0")
+        self.run_batch, self.max_batch_size, self.wait_s = run_batch, max_batch_size, wait_s
+        self.max_in_flight = max_in_flight
+        self.sizes: collections.deque[int] = collections.deque(maxlen=10_000)
+        self._queue: collections.deque[tuple[T, asyncio.Future]] = collections.deque()
+        self._arrived: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._running: set[asyncio.Task] = set()
+
+    async def submit(self, item: T) -> R:
+        if self._worker is None or self._worker.done():
+            self._arrived, self._slots = asyncio.Event(), asyncio.Semaphore(self.max_in_flight)
+            self._worker = asyncio.get_running_loop().create_task(self._loop())
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        self._arrived.set()
+        return await future
+
+    def _take(self) -> list[tuple[T, asyncio.Future]]:
+        batch = []
+        while self._queue and len(batch) < self.max_batch_size:
+            item, future = self._queue.popleft()
+            if not future.done():  # a caller that gave up (timeout, disconnect) is dropped here
+                batch.append((item, future))
+        if not self._queue:
+            self._arrived.clear()
+        return batch
+
+    async def _loop(self) -> None:
+        while True:
+            await self._arrived.wait()
+            await self._slots.acquire()  # requests keep arriving while every slot is busy
+            if self.wait_s and len(self._queue) < self.max_batch_size:
+                await asyncio.sleep(self.wait_s)
+            batch = self._take()
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, batch: list[tuple[T, asyncio.Future]]) -> None:
+        try:
+            self.sizes.append(len(batch))
+            try:
+                results = await self.run_batch([item for item, _ in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
+            except Exception as exc:  # noqa: BLE001 - every caller of this batch gets it
+                results = [exc] * len(batch)
+            for (_, future), result in zip(batch, results):
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+        finally:
+            self._slots.release()
