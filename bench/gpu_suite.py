@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
+import onnx  # noqa: E402
 import torch  # noqa: E402  (before onnxruntime: it puts the CUDA libraries where ORT finds them)
 import onnxruntime as ort  # noqa: E402
 
@@ -137,6 +138,7 @@ def export_bert(model, directory: Path) -> tuple[Path, Path, dict]:
     from export_jobs.optimize import apply_speed_option
     from export_jobs.specs import BertSpec
     from export_jobs.torch_export import SentenceEncoder, example_inputs, export_module
+    from export_jobs.weight_layout import transpose_matmul_weights
 
     spec = BertSpec()
     module = SentenceEncoder(model, spec.inputs, "mean", False).eval()
@@ -154,6 +156,11 @@ def export_bert(model, directory: Path) -> tuple[Path, Path, dict]:
         figures["packing"] = to_packing_mode(fp16, packed)["after"]
     except Exception as exc:  # noqa: BLE001 - the suite reports it and goes on
         figures["packing_error"] = f"{type(exc).__name__}: {exc}"
+    for path in (fp16, directory / "bert.fp16.packed.onnx"):  # the same graphs over [out, in] weights
+        if path.exists():
+            proto = onnx.load(str(path))
+            figures[f"{path.stem} FusedMatMul"] = transpose_matmul_weights(proto)
+            onnx.save(proto, str(path.with_name(path.stem + ".t.onnx")))
     return fp32, fp16, figures
 
 
@@ -207,13 +214,14 @@ def section_embeddings(args) -> None:
                     "ORT fused fp16 + IO binding": (fp16_path, {})}
         if device == "cuda":
             sessions["ORT fused fp16 + CUDA graph"] = (fp16_path, {"enable_cuda_graph": True})
-            for kernel, label in ((4, "TensorRT fused MHA"), (2, "memory-efficient"), (16, "unfused math")):
-                # ORT's sdpa_kernel option pins the attention kernel (default: ORT's own choice)
-                sessions[f"ORT fused fp16 + CUDA graph, {label} attention"] = (
-                    fp16_path, {"enable_cuda_graph": True, "sdpa_kernel": kernel})
-            packed = fp16_path.with_name("bert.fp16.packed.onnx")
-            if packed.exists():  # padding removed before the first layer: GEMMs see real tokens only
-                sessions["ORT fused fp16 packed + IO binding"] = (packed, {})
+            # Measured and left out (session 2): pinning ORT's attention kernel (sdpa_kernel 4 / 2 / 16) gained
+            # nothing at batch 1 and lost about 25 % at 64 x 128.
+            sessions["ORT fused fp16 + CUDA graph, [out,in] weights"] = (
+                fp16_path.with_name("bert.fp16.t.onnx"), {"enable_cuda_graph": True})
+            for suffix, label in (("", ""), (".t", ", [out,in] weights")):
+                packed = fp16_path.with_name(f"bert.fp16.packed{suffix}.onnx")
+                if packed.exists():  # padding removed before the first layer: GEMMs see real tokens only
+                    sessions[f"ORT fused fp16 packed + IO binding{label}"] = (packed, {})
         for name, (path, options) in sessions.items():
             try:
                 bound = OrtBound(path, feeds, dim, device, **options)
@@ -254,6 +262,9 @@ def section_embeddings(args) -> None:
                          f"{compile_ms / t['p50_ms']:.2f}x" if t and compile_ms else "-",
                          f"{p['max_abs_diff']:.1e}" if p else "-", f"{p['min_cosine']:.6f}" if p else "-",
                          notes.get(name, "")))
+        if args.profile and device == "cuda" and many:
+            record["kernels"] = {name: kernel_profile(runners[name], 10, name) for name in runners
+                                 if name.startswith("ORT fused fp16") and "CUDA graph" not in name}
         RESULTS["embeddings"]["shapes"][key] = record
         print(f"\n(a) {RESULTS['embeddings']['config']} + mean pooling, batch {batch} x {length} tokens, "
               f"{device}; median ms per call ({args.rounds} interleaved rounds)")
@@ -328,23 +339,26 @@ def section_gptneo(args) -> None:
     except Exception as exc:  # noqa: BLE001
         record["onnx_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
         traceback.print_exc()
-    try:
-        start = time.perf_counter()
-        export_static_decoder(model, tmp / "static" / "model.onnx", max_length=args.max_length)
-        record["static_export_s"] = round(time.perf_counter() - start, 1)
-        print(f"[gptneo] static-cache GQA graph exported in {record['static_export_s']} s", flush=True)
-        # measured and left out: ORT_ENABLE_XQA=0 (ORT's other decode attention kernel), 1.75 vs 1.71 ms/token
-        for name, graph in (("static cache + GQA + CUDA graph", True), ("static cache + GQA", False)):
-            if graph and device != "cuda":
-                continue
-            session = StaticDecoderSession(tmp / "static" / "model.onnx", providers=providers(device),
-                                           cuda_graph=graph, max_batch=32)
-            static_sessions[f"ONNX {name}"] = session
-            variants[f"ONNX {name}"] = (lambda sess: lambda prompts, n: generate_all_static(
-                sess, prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)))(session)
-    except Exception as exc:  # noqa: BLE001
-        record["static_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
-        traceback.print_exc()
+    for layout, folder, label in ((False, "static", ""), (True, "static_t", ", [out,in] weights")):
+        try:
+            start = time.perf_counter()
+            info_static = export_static_decoder(model, tmp / folder / "model.onnx", max_length=args.max_length,
+                                                transpose_weights=layout)
+            record[f"{folder}_export_s"] = round(time.perf_counter() - start, 1)
+            print(f"[gptneo] static-cache GQA graph{label} exported in {record[f'{folder}_export_s']} s; "
+                  f"{info_static.fused_operators}", flush=True)
+            # measured and left out: ORT_ENABLE_XQA=0 (ORT's other decode attention kernel), 1.75 vs 1.71 ms/token
+            for name, graph in ((f"static cache + GQA + CUDA graph{label}", True), (f"static cache + GQA{label}", False)):
+                if graph and device != "cuda":
+                    continue
+                session = StaticDecoderSession(tmp / folder / "model.onnx", providers=providers(device),
+                                               cuda_graph=graph, max_batch=32)
+                static_sessions[f"ONNX {name}"] = session
+                variants[f"ONNX {name}"] = (lambda sess: lambda prompts, n: generate_all_static(
+                    sess, prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)))(session)
+        except Exception as exc:  # noqa: BLE001
+            record[f"{folder}_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+            traceback.print_exc()
     # Measured and left out: an 8-bit weight-only copy (MatMulNBits, block 32) ran 1.90 ms/token against
     # 1.75 for fp16, with logits 1.44 off fp32 (top-1 31/64): no speed and worse parity.
 
@@ -436,46 +450,55 @@ def section_gptneo(args) -> None:
         print(f"  logits along transformers' greedy sequence (batch 1, {new} steps, vs transformers fp32):")
         print(table([(k, f"{v.get('max_abs_diff', float('nan')):.3g}", v.get("top1_agree", v.get("error", "")))
                      for k, v in record["teacher_forced"].items()], ("logits of", "max abs diff", "top-1 = fp32")))
-    for key in ("onnx_error", "static_error"):
+    for key in ("onnx_error", "static_error", "static_t_error"):
         if key in record:
             print(f"  {key}: {record[key]}")
 
 
-def profile_decode(static_sessions: dict, steps: int = 20) -> dict:
-    """GPU kernel time of the uncaptured static decode step (CUPTI sees ORT's kernels too), top kernels."""
+def kernel_profile(fn, steps: int, show: str = "") -> dict:
+    """CUPTI kernel times of `steps` calls of fn (ORT's kernels too): ms per call, kernels per call, top 10."""
     from torch.profiler import ProfilerActivity, profile
 
-    name = next((n for n in static_sessions if "CUDA graph" not in n), None)
-    if name is None:
-        return {}
-    session = static_sessions[name]
-    bucket = session.bucket(1, 8 + steps + 1)
-    lengths = session.prefill(bucket, [[11, 12, 13, 14, 15, 16, 17, 18]], 0)
+    fn()
+    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            session.decode(bucket, None, int(lengths.max()) + 1)
-            lengths = lengths + 1
+            fn()
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
-    replay = {}
-    for graph_name in [n for n in static_sessions if "CUDA graph" in n]:
-        graph_session = static_sessions[graph_name]
-        graph_bucket = graph_session.bucket(1, 8 + 200 + 1)
-        graph_session.prefill(graph_bucket, [[11, 12, 13, 14, 15, 16, 17, 18]], 0)
-        start = time.perf_counter()
-        for _ in range(200):  # the device feeds itself: no copies, no reads
-            graph_session.decode(graph_bucket)
-        replay[graph_name] = (time.perf_counter() - start) / 200 * 1000
-    print("  graph replays alone (200 steps, no token reads): "
-          + ", ".join(f"{k}: {v:.3f} ms/step" for k, v in replay.items()))
     total = sum(e.self_device_time_total for e in events) / steps / 1000
     count = sum(e.count for e in events) / steps
     top = sorted(events, key=lambda e: -e.self_device_time_total)[:10]
-    print(f"  {name}: GPU kernel time {total:.3f} ms per decode step, {count:.0f} kernels per step; top kernels:")
     rows = [(e.key[:90], f"{e.self_device_time_total / steps / 1000:.3f}", f"{e.count / steps:.0f}") for e in top]
-    print(table(rows, ("kernel", "ms per step", "launches per step")), flush=True)
-    return {"session": name, "gpu_ms_per_step": total, "kernels_per_step": count, "replay_ms_per_step": replay,
+    print(f"  {show or getattr(fn, '__name__', 'run')}: GPU kernel time {total:.3f} ms per call, {count:.0f} kernels; top:")
+    print(table(rows, ("kernel", "ms per call", "launches per call")), flush=True)
+    return {"gpu_ms": total, "kernels": count,
             "top": [{"kernel": r[0], "ms": float(r[1]), "count": float(r[2])} for r in rows]}
+
+
+def profile_decode(static_sessions: dict, steps: int = 20) -> dict:
+    """GPU kernel time of each uncaptured static decode step (CUPTI sees ORT's kernels too), top kernels;
+    and the time of captured-graph replays alone, the device feeding itself."""
+    out = {}
+    for name, session in static_sessions.items():
+        if session.cuda_graph:
+            bucket = session.bucket(1, 8 + 200 + 1)
+            session.prefill(bucket, [[11, 12, 13, 14, 15, 16, 17, 18]], 0)
+            start = time.perf_counter()
+            for _ in range(200):  # no copies, no reads
+                session.decode(bucket)
+            out[name] = {"replay_ms_per_step": (time.perf_counter() - start) / 200 * 1000}
+            print(f"  {name}: graph replays alone (200 steps, no token reads) {out[name]['replay_ms_per_step']:.3f} ms/step")
+            continue
+        bucket = session.bucket(1, 8 + 2 * steps + 4)
+        state = {"lengths": session.prefill(bucket, [[11, 12, 13, 14, 15, 16, 17, 18]], 0)}
+
+        def step():
+            session.decode(bucket, None, int(state["lengths"].max()) + 1)
+            state["lengths"] = state["lengths"] + 1
+
+        out[name] = kernel_profile(step, steps, name)
+    return out
 
 
 def section_window(args) -> None:
@@ -518,7 +541,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny configs: checks the script's logic fast")
     parser.add_argument("--sections", nargs="+", default=["window", "embed", "gptneo"])
     parser.add_argument("--max-length", type=int, default=2048, help="static KV cache slots (GPT-Neo's context)")
-    parser.add_argument("--profile", action="store_true", help="GPU kernel breakdown of a static decode step")
+    parser.add_argument("--profile", action="store_true",
+                        help="GPU kernel breakdown of a static decode step and of the 64 x 128 embedding runs")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=40)
     parser.add_argument("--new-tokens", type=int, default=64)

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from export_jobs.decoder_validate import default_prompts, transformers_greedy
+from export_jobs.decoder_validate import default_prompts, static_logits_along, transformers_greedy
 from export_jobs.static_decoder import StaticDecoderInfo, export_static_decoder
 from serve_app.generation import DecoderSession, SamplingParams, generate_all
 from serve_app.static_generation import StaticDecoderSession, generate_all_static, generate_static
@@ -43,6 +43,24 @@ def test_greedy_tokens_equal_transformers_on_a_right_padded_batch(exported, kind
     session = _session(path)
     assert generate_all_static(session, prompts, SamplingParams(max_tokens=24, temperature=0)) == expected
     assert sorted(session._idle) == [(4, 64)]  # 4 rows; the longest prompt + 24 tokens fits 64 slots
+
+
+@pytest.mark.parametrize("kind", ["gpt_neo", "gpt2", "llama"])
+def test_transposed_weights_give_the_same_tokens_and_logits(exported, kind, tmp_path):
+    """transpose_weights: every projection is FusedMatMul over an [out, in] weight; same product."""
+    model, path = exported[kind]
+    info = export_static_decoder(model, tmp_path / "model.onnx", max_length=MAX_LENGTH, transpose_weights=True)
+    ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node)
+    per_layer = 5 if kind == "llama" else 4
+    assert ops["FusedMatMul"] == info.fused_operators["FusedMatMul"] == per_layer * info.num_layers + 1
+    assert ops["MatMul"] == 0
+    long, short = default_prompts(model)
+    tokens = generate_all_static(_session(path), [long, short], SamplingParams(max_tokens=16, temperature=0))
+    plain = static_logits_along(_session(path), long, tokens[0])
+    transposed = static_logits_along(_session(tmp_path / "model.onnx"), long, tokens[0])
+    np.testing.assert_allclose(transposed, plain, atol=1e-4)
+    assert generate_all_static(_session(tmp_path / "model.onnx"), [long, short],
+                               SamplingParams(max_tokens=16, temperature=0)) == tokens
 
 
 @pytest.mark.parametrize("kind", ["gpt_neo", "gpt2", "llama"])
@@ -147,7 +165,8 @@ def test_smollm2_static_graph_passes_the_gate(tmp_path):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_decode_equals_transformers_past_the_window(tmp_path):
+@pytest.mark.parametrize("transpose_weights", [False, True])
+def test_cuda_graph_decode_equals_transformers_past_the_window(tmp_path, transpose_weights):
     """On the CUDA EP (fp16 GQA, decode steps replayed from captured CUDA graphs): greedy tokens of a
     right-padded batch whose prompts outrun GPT-Neo's local window equal transformers fp32."""
     import onnxruntime as ort
@@ -163,7 +182,8 @@ def test_cuda_graph_decode_equals_transformers_past_the_window(tmp_path):
     model.generation_config.eos_token_id = None
     prompts = default_prompts(model)
     expected = [transformers_greedy(model, [p], 32, 0)[0] for p in prompts]
-    export_static_decoder(model.to("cuda").half(), tmp_path / "model.onnx", max_length=128)
+    export_static_decoder(model.to("cuda").half(), tmp_path / "model.onnx", max_length=128,
+                          transpose_weights=transpose_weights)
     session = StaticDecoderSession(tmp_path / "model.onnx", providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
                                    max_batch=2, min_slots=64)
     assert session.cuda_graph and session.on_cuda
