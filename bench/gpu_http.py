@@ -22,17 +22,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench_embeddings import MODEL, SENTENCES, SOURCE, THROUGHPUT_ENV, load  # noqa: E402
+from bench_embeddings import MODEL, SENTENCES, SOURCE, THROUGHPUT_ENV, load, load_raw  # noqa: E402
 from common import percentile, table, time_ms  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "/tmp/gpu_http_out"))
 
 
-def model_config(num_gpus: float, max_batch_size: int = 32):
+def model_config(num_gpus: float, max_batch_size: int = 32, wait_s: float = 0.0):
     from export_jobs.config import ModelConfig
 
     return ModelConfig(id=MODEL, source=SOURCE, serving={
-        "num_gpus": num_gpus, "num_cpus": 1.0, "max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.005,
+        "num_gpus": num_gpus, "num_cpus": 1.0, "max_batch_size": max_batch_size, "batch_wait_timeout_s": wait_s,
         "max_ongoing_requests": 512, "max_queued_requests": 4096})
 
 
@@ -77,35 +77,41 @@ def gpu_apps() -> str:
         return "no nvidia-smi"
 
 
-def _client(url: str, concurrency: int, requests: int) -> tuple[float, list[float], int]:
-    return asyncio.run(load(url, concurrency, requests))
+LOADERS = {"raw": load_raw, "httpx": load}
 
 
-def load_split(pool, url: str, concurrency: int, requests: int, clients: int) -> tuple[float, list[float], int]:
-    """bench_embeddings.load in `clients` processes at once, so one Python client does not cap the rate."""
+def _client(url: str, concurrency: int, requests: int, client: str) -> tuple[float, list[float], int]:
+    return asyncio.run(LOADERS[client](url, concurrency, requests))
+
+
+def load_split(pool, url: str, concurrency: int, requests: int, clients: int, client: str) -> tuple[float, list[float], int]:
+    """The load in `clients` processes at once, so one Python client does not cap the rate."""
     clients = max(1, min(clients, concurrency))
     start = time.perf_counter()
     futures = [pool.submit(_client, url, concurrency // clients + (i < concurrency % clients),
-                           requests // clients + (i < requests % clients)) for i in range(clients)]
+                           requests // clients + (i < requests % clients), client) for i in range(clients)]
     parts = [f.result() for f in futures]
     return time.perf_counter() - start, [x for p in parts for x in p[1]], sum(p[2] for p in parts)
 
 
 async def measure(url: str, mode: str, app: str, batch: int, loads: list[tuple[int, int]], pool=None,
-                  clients: int = 1) -> list[dict]:
+                  clients: int = 1, client: str = "raw") -> list[dict]:
     """Inside one event loop: throughput mode's handles refuse to work outside a running loop."""
     from ray import serve
 
     handle = serve.get_deployment_handle(f"embed-{MODEL}", app_name=app)
-    await load(url, 8, 200)  # warm-up (CUDA kernels, connections)
+    for _ in range(20):  # warm-up (CUDA kernels, connections), until the proxy routes to this app
+        if (await load_raw(url, 8, 200))[2] == 0:
+            break
+        await asyncio.sleep(0.5)
     rows = []
     for conc, requests in loads:
         before = len(await handle.batch_stats.remote())
         if pool is not None and conc > 1 and clients > 1:
             seconds, lat, failures = await asyncio.get_running_loop().run_in_executor(
-                None, load_split, pool, url, conc, requests, clients)
+                None, load_split, pool, url, conc, requests, clients, client)
         else:
-            seconds, lat, failures = await load(url, conc, requests)
+            seconds, lat, failures = await LOADERS[client](url, conc, requests)
         batches = (await handle.batch_stats.remote())[before:]
         rows.append({"mode": mode, "max_batch_size": batch, "concurrency": conc, "requests": requests,
                      "clients": clients if (pool is not None and conc > 1) else 1,
@@ -146,7 +152,7 @@ def http_child(args) -> None:
         list(pool.map(abs, range(args.clients)))  # start the client processes before timing
     loop = asyncio.new_event_loop()  # one loop for all: handles stay bound to the loop they first ran in
     for batch in args.batches:
-        model = model_config(args.num_gpus, batch)
+        model = model_config(args.num_gpus, batch, args.wait)
         app = build(AppConfig(project=ProjectConfig(artifacts=args.artifacts, models=(model,)),
                               server=ServerSettings(ingress_replicas=args.ingress_replicas)),
                     manifest.load(args.artifacts))
@@ -154,7 +160,8 @@ def http_child(args) -> None:
         serve.run(app, name=f"bench{batch}", route_prefix="/")
         print(f"[{mode}] max_batch_size {batch}: app up in {time.perf_counter() - start:.1f} s; "
               f"GPU apps: {gpu_apps()}", flush=True)
-        for row in loop.run_until_complete(measure(url, mode, f"bench{batch}", batch, args.load, pool, args.clients)):
+        for row in loop.run_until_complete(measure(url, mode, f"bench{batch}", batch, args.load, pool, args.clients,
+                                                         args.client)):
             print("ROW " + json.dumps(row), flush=True)
         serve.delete(f"bench{batch}")
     if pool is not None:
@@ -170,7 +177,8 @@ def run_child(args, throughput: bool) -> list[dict]:
     mode = "throughput" if throughput else "default"
     cmd = [sys.executable, __file__, "--http-only", "--artifacts", args.artifacts, "--num-gpus", str(args.num_gpus),
            "--batches", *map(str, args.batches), "--clients", str(args.clients),
-           "--ingress-replicas", str(args.ingress_replicas), "--load", *(f"{c}:{n}" for c, n in args.load)]
+           "--ingress-replicas", str(args.ingress_replicas), "--client", args.client, "--wait", str(args.wait),
+           "--load", *(f"{c}:{n}" for c, n in args.load)]
     log = OUT / f"child_{mode}.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
@@ -209,6 +217,9 @@ def main() -> None:
     parser.add_argument("--ingress-replicas", type=int, default=1, help="server.ingress_replicas")
     parser.add_argument("--clients", type=int, default=8,
                         help="client processes sharing the load above concurrency 1 (1: one asyncio client)")
+    parser.add_argument("--client", choices=sorted(LOADERS), default="raw",
+                        help="load generator: raw asyncio HTTP/1.1 (cheap per request) or httpx")
+    parser.add_argument("--wait", type=float, default=0.0, help="serving.batch_wait_timeout_s")
     parser.add_argument("--child-timeout", type=int, default=230)
     parser.add_argument("--http-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
