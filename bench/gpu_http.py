@@ -78,6 +78,7 @@ def gpu_apps() -> str:
 
 
 LOADERS = {"raw": load_raw, "httpx": load}
+IN_INGRESS = "-in-ingress"
 
 
 def _client(url: str, concurrency: int, requests: int, client: str) -> tuple[float, list[float], int]:
@@ -99,20 +100,21 @@ async def measure(url: str, mode: str, app: str, batch: int, loads: list[tuple[i
     """Inside one event loop: throughput mode's handles refuse to work outside a running loop."""
     from ray import serve
 
-    handle = serve.get_deployment_handle(f"embed-{MODEL}", app_name=app)
+    colocated = mode.endswith(IN_INGRESS)  # no embedder deployment to ask for its batch sizes
+    handle = None if colocated else serve.get_deployment_handle(f"embed-{MODEL}", app_name=app)
     for _ in range(20):  # warm-up (CUDA kernels, connections), until the proxy routes to this app
         if (await load_raw(url, 8, 200))[2] == 0:
             break
         await asyncio.sleep(0.5)
     rows = []
     for conc, requests in loads:
-        before = len(await handle.batch_stats.remote())
+        before = len(await handle.batch_stats.remote()) if handle else 0
         if pool is not None and conc > 1 and clients > 1:
             seconds, lat, failures = await asyncio.get_running_loop().run_in_executor(
                 None, load_split, pool, url, conc, requests, clients, client)
         else:
             seconds, lat, failures = await LOADERS[client](url, conc, requests)
-        batches = (await handle.batch_stats.remote())[before:]
+        batches = (await handle.batch_stats.remote())[before:] if handle else []
         rows.append({"mode": mode, "max_batch_size": batch, "concurrency": conc, "requests": requests,
                      "clients": clients if (pool is not None and conc > 1) else 1,
                      "req_s": len(lat) / seconds, "p50_ms": percentile(lat, 0.5), "p99_ms": percentile(lat, 0.99),
@@ -135,6 +137,7 @@ def http_child(args) -> None:
     from conftest import free_port
 
     mode = "throughput" if os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1" else "default"
+    mode += IN_INGRESS if args.embed_in_ingress else ""
     env_vars = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
     start = time.perf_counter()
     ray.init(address="local", include_dashboard=False, log_to_driver=False, namespace="serve",
@@ -152,9 +155,12 @@ def http_child(args) -> None:
         list(pool.map(abs, range(args.clients)))  # start the client processes before timing
     loop = asyncio.new_event_loop()  # one loop for all: handles stay bound to the loop they first ran in
     for batch in args.batches:
-        model = model_config(args.num_gpus, batch, args.wait)
+        # in the ingress: every ingress replica holds a session, and together they get the GPU share
+        gpus = args.num_gpus / args.ingress_replicas if args.embed_in_ingress else args.num_gpus
+        model = model_config(gpus, batch, args.wait)
         app = build(AppConfig(project=ProjectConfig(artifacts=args.artifacts, models=(model,)),
-                              server=ServerSettings(ingress_replicas=args.ingress_replicas)),
+                              server=ServerSettings(ingress_replicas=args.ingress_replicas,
+                                                    embed_in_ingress=args.embed_in_ingress)),
                     manifest.load(args.artifacts))
         start = time.perf_counter()
         serve.run(app, name=f"bench{batch}", route_prefix="/")
@@ -170,12 +176,13 @@ def http_child(args) -> None:
     ray.shutdown()
 
 
-def run_child(args, throughput: bool) -> list[dict]:
+def run_child(args, mode: str) -> list[dict]:
+    throughput = mode.startswith("throughput")
     env = dict(os.environ, **(THROUGHPUT_ENV if throughput else {}))
     for key in THROUGHPUT_ENV if not throughput else ():
         env.pop(key, None)
-    mode = "throughput" if throughput else "default"
     cmd = [sys.executable, __file__, "--http-only", "--artifacts", args.artifacts, "--num-gpus", str(args.num_gpus),
+           *(["--embed-in-ingress"] if mode.endswith(IN_INGRESS) else []),
            "--batches", *map(str, args.batches), "--clients", str(args.clients),
            "--ingress-replicas", str(args.ingress_replicas), "--client", args.client, "--wait", str(args.wait),
            "--load", *(f"{c}:{n}" for c, n in args.load)]
@@ -213,7 +220,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 64])
     parser.add_argument("--load", type=pair, nargs="+", default=[(1, 300), (256, 3000)],
                         help="concurrency:requests pairs")
-    parser.add_argument("--modes", nargs="+", default=["default", "throughput"])
+    parser.add_argument("--modes", nargs="+", default=["default", "throughput"],
+                        choices=["default", "throughput", "default" + IN_INGRESS, "throughput" + IN_INGRESS],
+                        help=f"Serve mode; '{IN_INGRESS}': server.embed_in_ingress (the ingress replicas embed)")
+    parser.add_argument("--embed-in-ingress", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ingress-replicas", type=int, default=1, help="server.ingress_replicas")
     parser.add_argument("--clients", type=int, default=8,
                         help="client processes sharing the load above concurrency 1 (1: one asyncio client)")
@@ -244,7 +254,7 @@ def main() -> None:
     print(json.dumps(result), flush=True)
     rows = []
     for mode in args.modes:
-        rows += run_child(args, mode == "throughput")
+        rows += run_child(args, mode)
         result["rows"] = rows
         (OUT / "gpu_http.json").write_text(json.dumps(result, indent=1))
     model_ms = result["kernel"]["one_text_p50_ms"]

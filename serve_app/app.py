@@ -84,11 +84,17 @@ def build(app_config: AppConfig, entries: dict[str, manifest.ManifestEntry]) -> 
     from .deployments.ingress import Ingress
 
     root = str(Path(app_config.project.artifacts).resolve())
-    embedders, generators, cards, embed_batch = {}, {}, [], {}
+    embedders, generators, cards, embed_batch, local = {}, {}, [], {}, {}
+    server = app_config.server
+    gpus, cpus = 0.0, server.num_cpus
     for cfg in app_config.project.models:
         entry = entries[cfg.id]
         cards.append(_card(entry))
-        if cfg.task is Task.embedding:
+        if cfg.task is Task.embedding and server.embed_in_ingress:
+            local[cfg.id] = {"entry": entry.model_dump(mode="json"), "root": root, "truncate": cfg.truncate,
+                             "num_cpus": cfg.serving.num_cpus, "user_config": deployment_options(cfg, "")["user_config"]}
+            gpus, cpus = gpus + cfg.serving.num_gpus, cpus + cfg.serving.num_cpus
+        elif cfg.task is Task.embedding:
             opts = deployment_options(cfg, f"embed-{cfg.id}")
             embedders[cfg.id] = Embedder.options(**opts).bind(
                 entry.model_dump(mode="json"), root, cfg.truncate, cfg.serving.num_cpus)
@@ -99,11 +105,10 @@ def build(app_config: AppConfig, entries: dict[str, manifest.ManifestEntry]) -> 
             opts = deployment_options(cfg, f"generate-{cfg.id}")
             generators[cfg.id] = Generator.options(**opts).bind(entry.model_dump(mode="json"), root,
                                                                cfg.serving.num_cpus)
-    server = app_config.server
+    actor = {"num_cpus": cpus, **({"num_gpus": gpus} if gpus else {})}
     ingress = Ingress.options(num_replicas=server.ingress_replicas, max_ongoing_requests=server.max_ongoing_requests,
-                              max_queued_requests=server.max_queued_requests,
-                              ray_actor_options={"num_cpus": server.num_cpus})
-    return ingress.bind(embedders, cards, server.model_dump(mode="json"), generators, embed_batch)
+                              max_queued_requests=server.max_queued_requests, ray_actor_options=actor)
+    return ingress.bind(embedders, cards, server.model_dump(mode="json"), generators, embed_batch, local)
 
 
 def graph(args: AppArgs) -> Application:

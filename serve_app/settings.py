@@ -25,6 +25,9 @@ class ServerSettings(BaseModel):
     num_cpus: float = Field(0.25, ge=0.0, description="Logical CPUs each ingress replica reserves.")
     ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas; on a GPU host one ingress, "
                                   "not the model, caps small-request throughput (BENCHMARKS.md).")
+    embed_in_ingress: bool = Field(False, description="Each ingress replica loads the embedding models itself "
+                                   "(with their serving.num_gpus / num_cpus added to its own): no embedder "
+                                   "deployment, one hop fewer per request. Generation stays a deployment.")
 
 
 class AppConfig(BaseModel):

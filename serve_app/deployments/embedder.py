@@ -2,7 +2,8 @@
 
 Each request is tokenized and checked before it joins a batch, so a bad request fails alone. Batches are
 greedy (serve_app.batching): a lone request runs at once; requests that arrive while the session runs
-go together in the next run.
+go together in the next run. `EmbeddingModel` is the session and its batcher without Ray Serve around
+it: the Embedder deployment wraps one, and an ingress with `server.embed_in_ingress` holds its own.
 """
 from __future__ import annotations
 
@@ -13,17 +14,15 @@ import numpy as np
 import ray
 from ray import serve
 
-from ..batching import GreedyBatcher
-
 from export_jobs import manifest
 
+from ..batching import GreedyBatcher
 from ..runtime import EncoderSession, Prepared, providers
 
 MAX_ROWS_PER_RUN = 64
 
 
-@serve.deployment(name="Embedder")
-class Embedder:
+class EmbeddingModel:
     def __init__(self, entry: dict[str, Any], root: str, truncate: bool = False, num_cpus: float = 1.0):
         parsed = manifest.ManifestEntry.model_validate(entry)
         manifest.verify(root, parsed)  # never serve files that differ from what passed the gate
@@ -38,8 +37,7 @@ class Embedder:
         self.max_rows = MAX_ROWS_PER_RUN
         self.batcher = GreedyBatcher(self._run_batch, max_batch_size=32)
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Batch settings change at run time (``serve deploy`` with a new user_config, no restart)."""
+    def configure(self, user_config: dict[str, Any]) -> None:
         if "max_batch_size" in user_config:
             self.batcher.max_batch_size = int(user_config["max_batch_size"])
         if "batch_wait_timeout_s" in user_config:
@@ -63,15 +61,38 @@ class Embedder:
         bounds = np.cumsum([0] + [len(r) for r in requests])
         return [vectors[bounds[i] : bounds[i + 1]] for i in range(len(requests))]
 
-    def batch_stats(self) -> list[int]:
-        """Requests per executed session run, most recent last (for tests and tuning)."""
-        return list(self.batcher.sizes)
-
     def info(self) -> dict[str, Any]:
         return {"id": self.model_id, "dim": self.session.dim, "max_length": self.session.max_length}
 
-    def check_health(self) -> None:
-        """Ray calls this periodically; a replica whose session no longer runs is replaced."""
+    def check(self) -> None:
+        """Raises if the session no longer returns a finite embedding of the right size."""
         out = self.session.run(self.session.prepare(["ok"]))
         if out.shape != (1, self.session.dim) or not np.isfinite(out).all():
             raise RuntimeError("the ONNX session returned an invalid embedding")
+
+
+@serve.deployment(name="Embedder")
+class Embedder:
+    def __init__(self, entry: dict[str, Any], root: str, truncate: bool = False, num_cpus: float = 1.0):
+        self.model = EmbeddingModel(entry, root, truncate, num_cpus)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Batch settings change at run time (``serve deploy`` with a new user_config, no restart)."""
+        self.model.configure(user_config)
+
+    async def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        return await self.model.embed(texts)
+
+    async def embed_many(self, requests: list[list[str]]) -> list[tuple[np.ndarray, int] | Exception]:
+        return await self.model.embed_many(requests)
+
+    def batch_stats(self) -> list[int]:
+        """Requests per executed session run, most recent last (for tests and tuning)."""
+        return list(self.model.batcher.sizes)
+
+    def info(self) -> dict[str, Any]:
+        return self.model.info()
+
+    def check_health(self) -> None:
+        """Ray calls this periodically; a replica whose session no longer runs is replaced."""
+        self.model.check()

@@ -36,8 +36,10 @@ def _encode(vector: np.ndarray, fmt: str) -> list[float] | str:
 class Ingress:
     def __init__(self, embedders: dict[str, DeploymentHandle], cards: list[dict[str, Any]],
                  settings: dict[str, Any], generators: Optional[dict[str, DeploymentHandle]] = None,
-                 embed_batch: Optional[dict[str, int]] = None):
+                 embed_batch: Optional[dict[str, int]] = None, local: Optional[dict[str, dict[str, Any]]] = None):
         self.embedders, self.generators = embedders, generators or {}
+        # server.embed_in_ingress: these models run here, in this replica's own session (one hop fewer)
+        self.local = {model: self._load_local(spec) for model, spec in (local or {}).items()}
         # Requests for a batched model are merged here too, so the embedder replica receives one call per
         # batch instead of one per request: at concurrency 256 its per-call cost, not the GPU, was the cap.
         self.batchers = {model: GreedyBatcher(self._embed_many(self.embedders[model]), size, max_in_flight=INGRESS_IN_FLIGHT)
@@ -68,6 +70,14 @@ class Ingress:
                     raise
                 raise mapped from None
 
+    @staticmethod
+    def _load_local(spec: dict[str, Any]):
+        from .embedder import EmbeddingModel
+
+        model = EmbeddingModel(spec["entry"], spec["root"], spec["truncate"], spec["num_cpus"])
+        model.configure(spec["user_config"])
+        return model
+
     def _embed_many(self, handle: DeploymentHandle):
         async def run(requests: list[list[str]]) -> list:
             return await self._call(lambda: handle.embed_many.remote(requests), retry=True)
@@ -89,14 +99,16 @@ class Ingress:
 
     @api.post("/v1/embeddings", response_model=EmbeddingResponse)
     async def embeddings(self, request: EmbeddingRequest) -> JSONResponse:
-        handle = self._handle(self.embedders, request.model, "embedding")
+        handle = self._handle({**self.embedders, **self.local}, request.model, "embedding")
         texts = request.texts()
         self._check_texts(texts, "input")
         dim = self.cards[request.model].dim
         if request.dimensions is not None and request.dimensions != dim:
             raise InvalidRequest(f"dimensions must be {dim} for {request.model}", "dimensions")
         batcher = self.batchers.get(request.model)
-        if batcher is None:
+        if request.model in self.local:
+            vectors, tokens = await self._call(lambda: handle.embed(texts))
+        elif batcher is None:
             vectors, tokens = await self._call(lambda: handle.embed.remote(texts), retry=True)
         else:
             vectors, tokens = await self._call(lambda: batcher.submit(texts))
@@ -152,10 +164,15 @@ class Ingress:
         """Readiness: every configured model's replica answers."""
         handles = {**self.embedders, **self.generators}
         results = await asyncio.gather(*(self._ping(h) for h in handles.values()))
-        status = dict(zip(handles, results))
-        if not all(results):
+        status = {**dict(zip(handles, results)), **{model: True for model in self.local}}  # loaded in __init__
+        if not all(status.values()):
             raise NotReady(f"models not ready: {sorted(k for k, ok in status.items() if not ok)}")
         return Health(status="ok", models=status)
+
+    def check_health(self) -> None:
+        """Ray calls this periodically: a replica whose own sessions no longer run is replaced."""
+        for model in self.local.values():
+            model.check()
 
     @staticmethod
     async def _ping(handle: DeploymentHandle) -> bool:

