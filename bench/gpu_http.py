@@ -28,10 +28,10 @@ from common import percentile, table, time_ms  # noqa: E402
 OUT = Path(os.environ.get("OUT", "/tmp/gpu_http_out"))
 
 
-def model_config(num_gpus: float, max_batch_size: int = 32, wait_s: float = 0.0):
+def model_config(num_gpus: float, max_batch_size: int = 32, wait_s: float = 0.0, optimize: str = "none"):
     from export_jobs.config import ModelConfig
 
-    return ModelConfig(id=MODEL, source=SOURCE, serving={
+    return ModelConfig(id=MODEL, source=SOURCE, optimize=optimize, serving={
         "num_gpus": num_gpus, "num_cpus": 1.0, "max_batch_size": max_batch_size, "batch_wait_timeout_s": wait_s,
         "max_ongoing_requests": 512, "max_queued_requests": 4096})
 
@@ -63,7 +63,8 @@ def kernel(root: str, entry, use_gpu: bool) -> dict:
     one = time_ms(lambda: session.run(session.prepare([text])), warmup=30, repeats=300)
     items = session.prepare(SENTENCES[:32])
     b32 = time_ms(lambda: session.run_sorted(items, 64), warmup=10, repeats=100)
-    out = {"providers": session.session.get_providers(), "one_text_p50_ms": one["p50"], "one_text_min_ms": one["min"],
+    out = {"providers": session.session.get_providers(), "cuda_graphs": session.graphs is not None,
+           "one_text_p50_ms": one["p50"], "one_text_min_ms": one["min"],
            "batch32_p50_ms": b32["p50"]}
     del session
     return out
@@ -157,7 +158,7 @@ def http_child(args) -> None:
     for batch in args.batches:
         # in the ingress: every ingress replica holds a session, and together they get the GPU share
         gpus = args.num_gpus / args.ingress_replicas if args.embed_in_ingress else args.num_gpus
-        model = model_config(gpus, batch, args.wait)
+        model = model_config(gpus, batch, args.wait, args.optimize)
         app = build(AppConfig(project=ProjectConfig(artifacts=args.artifacts, models=(model,)),
                               server=ServerSettings(ingress_replicas=args.ingress_replicas,
                                                     embed_in_ingress=args.embed_in_ingress)),
@@ -185,6 +186,7 @@ def run_child(args, mode: str) -> list[dict]:
            *(["--embed-in-ingress"] if mode.endswith(IN_INGRESS) else []),
            "--batches", *map(str, args.batches), "--clients", str(args.clients),
            "--ingress-replicas", str(args.ingress_replicas), "--client", args.client, "--wait", str(args.wait),
+           "--optimize", args.optimize,
            "--load", *(f"{c}:{n}" for c, n in args.load)]
     log = OUT / f"child_{mode}.log"
     with open(log, "w") as fh:
@@ -230,6 +232,8 @@ def main() -> None:
     parser.add_argument("--client", choices=sorted(LOADERS), default="raw",
                         help="load generator: raw asyncio HTTP/1.1 (cheap per request) or httpx")
     parser.add_argument("--wait", type=float, default=0.0, help="serving.batch_wait_timeout_s")
+    parser.add_argument("--optimize", default="none", choices=("none", "fp16"),
+                        help="the model's speed option; fp16 is fused, so the GPU replica replays CUDA graphs")
     parser.add_argument("--child-timeout", type=int, default=230)
     parser.add_argument("--http-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -243,7 +247,7 @@ def main() -> None:
     import ray
 
     use_gpu = args.num_gpus > 0
-    entry = ensure_artifact(args.artifacts, model_config(args.num_gpus))
+    entry = ensure_artifact(args.artifacts, model_config(args.num_gpus, optimize=args.optimize))
     result = {"onnxruntime": ort.__version__, "ray": ray.__version__, "python": sys.version.split()[0],
               "gpu": subprocess.run("nvidia-smi --query-gpu=name,driver_version --format=csv,noheader -i 0",
                                     shell=True, capture_output=True, text=True).stdout.strip() or "none",
@@ -270,7 +274,7 @@ def main() -> None:
     (OUT / "gpu_http.json").write_text(json.dumps(result, indent=1))
     k = result["kernel"]
     print(f"\n{MODEL}, {result['gpu']}, onnxruntime {result['onnxruntime']}, ray {result['ray']}; "
-          f"session providers {k['providers']}; model alone (prepare+run, 1 text) p50 {k['one_text_p50_ms']:.3f} ms, "
+          f"session providers {k['providers']}, CUDA graphs {k.get('cuda_graphs')}; model alone (prepare+run, 1 text) p50 {k['one_text_p50_ms']:.3f} ms, "
           f"min {k['one_text_min_ms']:.3f} ms; 32 texts {k['batch32_p50_ms']:.3f} ms; "
           f"bare process without preload_dlls: {result.get('bare_process_provider_without_preload', '-')}; "
           f"wall {result['wall_s']:.0f} s")

@@ -66,6 +66,8 @@ class ServingOptions(BaseModel):
                                         "the model is free; 0: greedy (requests that came while it ran go next).")
     max_ongoing_requests: int = Field(256, ge=1)
     max_queued_requests: int = Field(1024, ge=-1, description="-1: unbounded (not recommended).")
+    cuda_graphs: bool = Field(True, description="On a GPU, replay batches from captured CUDA graphs, one per "
+                              "(rows, width) bucket, where the graph allows it (fused exports).")
 
 
 class ModelConfig(BaseModel):

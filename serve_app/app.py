@@ -92,12 +92,13 @@ def build(app_config: AppConfig, entries: dict[str, manifest.ManifestEntry]) -> 
         cards.append(_card(entry))
         if cfg.task is Task.embedding and server.embed_in_ingress:
             local[cfg.id] = {"entry": entry.model_dump(mode="json"), "root": root, "truncate": cfg.truncate,
-                             "num_cpus": cfg.serving.num_cpus, "user_config": deployment_options(cfg, "")["user_config"]}
+                             "num_cpus": cfg.serving.num_cpus, "cuda_graphs": cfg.serving.cuda_graphs,
+                             "user_config": deployment_options(cfg, "")["user_config"]}
             gpus, cpus = gpus + cfg.serving.num_gpus, cpus + cfg.serving.num_cpus
         elif cfg.task is Task.embedding:
             opts = deployment_options(cfg, f"embed-{cfg.id}")
             embedders[cfg.id] = Embedder.options(**opts).bind(
-                entry.model_dump(mode="json"), root, cfg.truncate, cfg.serving.num_cpus)
+                entry.model_dump(mode="json"), root, cfg.truncate, cfg.serving.num_cpus, cfg.serving.cuda_graphs)
             embed_batch[cfg.id] = cfg.serving.max_batch_size
         else:
             from .deployments.generator import Generator

@@ -4,6 +4,7 @@ No Ray and no HTTP in here, and never torch or TensorFlow.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,10 @@ from tokenizers import Tokenizer
 
 from export_jobs.manifest import ManifestEntry
 
+from .encoder_graphs import BucketedEncoder
 from .errors import InputTooLong
+
+logger = logging.getLogger("serve_app")
 
 
 def providers(use_gpu: bool) -> list[str]:
@@ -58,7 +62,9 @@ class EncoderSession:
     """A token-input encoder artifact: sentence mode (pooled in the graph) or plain (pooled here)."""
 
     def __init__(self, entry: ManifestEntry, root: str | Path, *, truncate: bool = False,
-                 use_gpu: bool = False, threads: int | None = None):
+                 use_gpu: bool = False, threads: int | None = None, cuda_graphs: bool = True):
+        """cuda_graphs: on the CUDA EP, run batches in (rows, width) buckets replayed from captured CUDA
+        graphs (serve_app.encoder_graphs), when every node of the graph runs on CUDA (fused exports)."""
         meta = entry.metadata
         directory = entry.dir_path(root)
         self.model_id, self.dim, self.max_length, self.truncate = entry.id, entry.dim, entry.max_length, truncate
@@ -67,9 +73,19 @@ class EncoderSession:
         self.tokenizer = Tokenizer.from_file(str(directory / meta["tokenizer"]))
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
-        self.session = ort.InferenceSession(str(entry.model_path(root)), session_options(threads),
-                                            providers=providers(use_gpu))
+        self.session, self.graphs = self._load(entry.model_path(root), session_options(threads),
+                                                providers(use_gpu), cuda_graphs)
         self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def _load(self, path: Path, options: ort.SessionOptions, eps: list, cuda_graphs: bool):
+        if cuda_graphs and eps[0] == "CUDAExecutionProvider":
+            try:
+                session = ort.InferenceSession(str(path), options, providers=[
+                    ("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), *eps[1:]])
+                return session, BucketedEncoder(session, self.dim, cuda_graph=True)
+            except Exception as exc:  # noqa: BLE001 - e.g. nodes on the CPU (unfused graphs): no graphs then
+                logger.info("%s: no CUDA graphs (%s)", self.model_id, str(exc).splitlines()[0][:200])
+        return ort.InferenceSession(str(path), options, providers=eps), None
 
     def prepare(self, texts: list[str]) -> list[Prepared]:
         """Tokenize; refuse (or truncate, if configured) texts over the model's token limit."""
@@ -95,7 +111,10 @@ class EncoderSession:
         for row, item in enumerate(items):
             ids[row, : item.tokens], type_ids[row, : item.tokens], mask[row, : item.tokens] = item.ids, item.type_ids, 1
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": type_ids}
-        first = self.session.run(None, {name: feeds[name] for name in self.input_names})[0]
+        if self.graphs is not None:
+            first = self.graphs.run(feeds)
+        else:
+            first = self.session.run(None, {name: feeds[name] for name in self.input_names})[0]
         if self.mode == "plain":
             first = mean_pool(first, mask)
             if self.normalize:

@@ -23,7 +23,8 @@ MAX_ROWS_PER_RUN = 64
 
 
 class EmbeddingModel:
-    def __init__(self, entry: dict[str, Any], root: str, truncate: bool = False, num_cpus: float = 1.0):
+    def __init__(self, entry: dict[str, Any], root: str, truncate: bool = False, num_cpus: float = 1.0,
+                 cuda_graphs: bool = True):
         parsed = manifest.ManifestEntry.model_validate(entry)
         manifest.verify(root, parsed)  # never serve files that differ from what passed the gate
         use_gpu, threads = bool(ray.get_gpu_ids()), int(max(1, num_cpus))
@@ -32,7 +33,8 @@ class EmbeddingModel:
 
             self.session = TextInputEncoder(parsed.model_path(root), providers(use_gpu), threads)
         else:
-            self.session = EncoderSession(parsed, root, truncate=truncate, use_gpu=use_gpu, threads=threads)
+            self.session = EncoderSession(parsed, root, truncate=truncate, use_gpu=use_gpu, threads=threads,
+                                          cuda_graphs=cuda_graphs)
         self.model_id = parsed.id
         self.max_rows = MAX_ROWS_PER_RUN
         self.batcher = GreedyBatcher(self._run_batch, max_batch_size=32)
@@ -73,8 +75,9 @@ class EmbeddingModel:
 
 @serve.deployment(name="Embedder")
 class Embedder:
-    def __init__(self, entry: dict[str, Any], root: str, truncate: bool = False, num_cpus: float = 1.0):
-        self.model = EmbeddingModel(entry, root, truncate, num_cpus)
+    def __init__(self, entry: dict[str, Any], root: str, truncate: bool = False, num_cpus: float = 1.0,
+                 cuda_graphs: bool = True):
+        self.model = EmbeddingModel(entry, root, truncate, num_cpus, cuda_graphs)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Batch settings change at run time (``serve deploy`` with a new user_config, no restart)."""

@@ -74,7 +74,7 @@ class Ingress:
     def _load_local(spec: dict[str, Any]):
         from .embedder import EmbeddingModel
 
-        model = EmbeddingModel(spec["entry"], spec["root"], spec["truncate"], spec["num_cpus"])
+        model = EmbeddingModel(spec["entry"], spec["root"], spec["truncate"], spec["num_cpus"], spec["cuda_graphs"])
         model.configure(spec["user_config"])
         return model
 
