@@ -10,7 +10,7 @@ from .sources import ResolvedSource
 from .specs import DecoderSpec, spec_for
 from .validate import ExportError
 
-STATIC_DIR = "static"  # the `fused` speed option's graph, beside the dynamic-cache one
+STATIC_DIR = "static"  # the `fused` speed option's graph (then the only one exported)
 
 
 def load_decoder(resolved: ResolvedSource):
@@ -22,7 +22,7 @@ def load_decoder(resolved: ResolvedSource):
 
 
 def export_decoder_model(cfg: ModelConfig, resolved: ResolvedSource, staging: Path) -> dict[str, Any]:
-    from .decoder_export import export_decoder
+    from .decoder_export import _eos_ids, export_decoder
     from .decoder_sources import save_tokenizer
     from .decoder_validate import validate_decoder
 
@@ -34,19 +34,32 @@ def export_decoder_model(cfg: ModelConfig, resolved: ResolvedSource, staging: Pa
     model, tokenizer = load_decoder(resolved)
     spec = spec_for(cfg.task, model.config.model_type)
     assert isinstance(spec, DecoderSpec)
-    info = export_decoder(model, staging / "model.onnx", opset=cfg.opset)
     save_tokenizer(tokenizer, staging / "tokenizer")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (info.eos_token_ids or (0,))[0]
+    eos = _eos_ids(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or (0,))[0]
     tolerance = cfg.tolerance or spec.tolerance
-    figures = validate_decoder(model, staging / "model.onnx", new_tokens=spec.greedy_tokens,
-                               tolerance=tolerance, pad_token_id=pad)
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
     if cfg.max_length:
         context = min(context, cfg.max_length)
+    common = {"tokenizer": "tokenizer/tokenizer.json", "pad_token_id": int(pad), "add_special_tokens": True,
+              "model_type": model.config.model_type}
+    if cfg.optimize is SpeedOption.fused:
+        # Only the static-cache graph: it is what the server loads, and it passes its own gate.
+        static = _static_variant(model, staging, int(context), spec, tolerance, pad)
+        figures = static["parity"]
+        return {
+            "family": spec.family,
+            "max_length": int(context),
+            "model_file": static["model_file"],
+            "parity": {"max_abs_diff": figures["logits_max_abs_diff"], "tolerance": tolerance,
+                       "cases": figures["logits_steps"] + 2,  # + greedy at batch 1 and a padded batch 2
+                       "details": {k: v for k, v in figures.items() if isinstance(v, (int, float, str))}},
+            "metadata": {**common, "static_decoder": static},
+        }
+    info = export_decoder(model, staging / "model.onnx", opset=cfg.opset)
+    figures = validate_decoder(model, staging / "model.onnx", new_tokens=spec.greedy_tokens,
+                               tolerance=tolerance, pad_token_id=pad)
     worst = max(figures["prefill_max_abs_diff"], figures["decode_max_abs_diff"])
-    metadata = {}
-    if cfg.optimize is SpeedOption.fused:  # proven on its own before it is served
-        metadata["static_decoder"] = _static_variant(model, staging, int(context), spec, tolerance, pad)
     return {
         "family": spec.family,
         "max_length": int(context),
@@ -54,17 +67,13 @@ def export_decoder_model(cfg: ModelConfig, resolved: ResolvedSource, staging: Pa
                    "details": {k: v for k, v in figures.items() if isinstance(v, (int, float, str))}},
         "metadata": {
             "decoder": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(info).items()},
-            "tokenizer": "tokenizer/tokenizer.json",
-            "pad_token_id": int(pad),
-            "add_special_tokens": True,
-            "model_type": model.config.model_type,
-            **metadata,
+            **common,
         },
     }
 
 
 def _static_variant(model, staging: Path, context: int, spec: DecoderSpec, tolerance: float, pad: int) -> dict:
-    """The static-cache GQA graph beside the dynamic one (static/), with its own gate's figures."""
+    """The static-cache GQA graph (static/) with its own gate's figures."""
     from .decoder_validate import validate_static_decoder
     from .static_decoder import export_static_decoder
 

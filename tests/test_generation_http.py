@@ -54,8 +54,13 @@ def server(serve_url, tiny_lm, tmp_path_factory):
     long_cfg = ModelConfig(id=LONG, source=str(long_dir), task="generation")
     for c in (cfg, long_cfg):
         manifest.commit(root, export_one(c, root))
-    static = manifest.load(root)[MODEL].metadata["static_decoder"]
-    assert static["parity"]["greedy_match_tokens"] > 0 and (manifest.load(root)[MODEL].dir_path(root) / static["model_file"]).exists()
+    entry = manifest.load(root)[MODEL]
+    static = entry.metadata["static_decoder"]
+    assert static["parity"]["greedy_match_tokens"] > 0 and entry.model_path(root).exists()
+    # fused exports only the static-cache graph, which the manifest names and the gate's figures describe
+    assert entry.model_file == static["model_file"] == "static/model.onnx"
+    assert not (entry.dir_path(root) / "model.onnx").exists() and "decoder" not in entry.metadata
+    assert entry.parity.max_abs_diff == static["parity"]["logits_max_abs_diff"] <= entry.parity.tolerance
     assert "static_decoder" not in manifest.load(root)[LONG].metadata
     app = build(AppConfig(project=ProjectConfig(artifacts=str(root), models=(cfg, long_cfg)),
                           server=ServerSettings(max_tokens_limit=4000)), manifest.load(root))
