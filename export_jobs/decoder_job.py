@@ -43,33 +43,25 @@ def export_decoder_model(cfg: ModelConfig, resolved: ResolvedSource, staging: Pa
         context = min(context, cfg.max_length)
     common = {"tokenizer": "tokenizer/tokenizer.json", "pad_token_id": int(pad), "add_special_tokens": True,
               "model_type": model.config.model_type}
+
+    def entry(worst: float, cases: int, figures: dict, metadata: dict, **fields) -> dict[str, Any]:
+        return {"family": spec.family, "max_length": int(context), **fields,
+                "parity": {"max_abs_diff": worst, "tolerance": tolerance, "cases": cases,
+                           "details": {k: v for k, v in figures.items() if isinstance(v, (int, float, str))}},
+                "metadata": {**metadata, **common}}
+
     if cfg.optimize is SpeedOption.fused:
         # Only the static-cache graph: it is what the server loads, and it passes its own gate.
         static = _static_variant(model, staging, int(context), spec, tolerance, pad)
         figures = static["parity"]
-        return {
-            "family": spec.family,
-            "max_length": int(context),
-            "model_file": static["model_file"],
-            "parity": {"max_abs_diff": figures["logits_max_abs_diff"], "tolerance": tolerance,
-                       "cases": figures["logits_steps"] + 2,  # + greedy at batch 1 and a padded batch 2
-                       "details": {k: v for k, v in figures.items() if isinstance(v, (int, float, str))}},
-            "metadata": {**common, "static_decoder": static},
-        }
+        return entry(figures["logits_max_abs_diff"], figures["logits_steps"] + 2,  # + greedy batch 1, padded batch 2
+                     figures, {"static_decoder": static}, model_file=static["model_file"])
     info = export_decoder(model, staging / "model.onnx", opset=cfg.opset)
     figures = validate_decoder(model, staging / "model.onnx", new_tokens=spec.greedy_tokens,
                                tolerance=tolerance, pad_token_id=pad)
     worst = max(figures["prefill_max_abs_diff"], figures["decode_max_abs_diff"])
-    return {
-        "family": spec.family,
-        "max_length": int(context),
-        "parity": {"max_abs_diff": worst, "tolerance": tolerance, "cases": 2 + figures["decode_steps"],
-                   "details": {k: v for k, v in figures.items() if isinstance(v, (int, float, str))}},
-        "metadata": {
-            "decoder": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(info).items()},
-            **common,
-        },
-    }
+    decoder = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(info).items()}
+    return entry(worst, 2 + figures["decode_steps"], figures, {"decoder": decoder})
 
 
 def _static_variant(model, staging: Path, context: int, spec: DecoderSpec, tolerance: float, pad: int) -> dict:

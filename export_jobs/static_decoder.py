@@ -360,4 +360,3 @@ def export_static_decoder(model, out_path: str | Path, max_length: int, opset: i
     )
     info.save(out_path.parent)
     return info
-

@@ -60,6 +60,11 @@ def _card(entry: manifest.ManifestEntry) -> dict[str, Any]:
             "parity_max_abs_diff": entry.parity.max_abs_diff}
 
 
+def user_config(cfg: ModelConfig) -> dict[str, Any]:
+    """Batch settings an embedder applies at run time (Embedder.reconfigure / EmbeddingModel.configure)."""
+    return {"max_batch_size": cfg.serving.max_batch_size, "batch_wait_timeout_s": cfg.serving.batch_wait_timeout_s}
+
+
 def deployment_options(cfg: ModelConfig, name: str) -> dict[str, Any]:
     s = cfg.serving
     options: dict[str, Any] = {
@@ -67,7 +72,7 @@ def deployment_options(cfg: ModelConfig, name: str) -> dict[str, Any]:
         "ray_actor_options": {"num_gpus": s.num_gpus, "num_cpus": s.num_cpus},
         "max_ongoing_requests": s.max_ongoing_requests,
         "max_queued_requests": s.max_queued_requests,
-        "user_config": {"max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s},
+        "user_config": user_config(cfg),
         "health_check_period_s": 10,
     }
     if s.num_replicas == "auto":
@@ -92,7 +97,7 @@ def build(app_config: AppConfig, entries: dict[str, manifest.ManifestEntry]) -> 
         if cfg.task is Task.embedding and server.embed_in_ingress:
             local[cfg.id] = {"entry": entry.model_dump(mode="json"), "root": root, "truncate": cfg.truncate,
                              "num_cpus": cfg.serving.num_cpus, "cuda_graphs": cfg.serving.cuda_graphs,
-                             "user_config": deployment_options(cfg, "")["user_config"]}
+                             "user_config": user_config(cfg)}
             gpus, cpus = gpus + cfg.serving.num_gpus, cpus + cfg.serving.num_cpus
         elif cfg.task is Task.embedding:
             opts = deployment_options(cfg, f"embed-{cfg.id}")

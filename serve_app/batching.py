@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import logging
 from typing import Any, Awaitable, Callable, Generic, Sequence, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-logger = logging.getLogger("serve_app")
 
 
 class GreedyBatcher(Generic[T, R]):

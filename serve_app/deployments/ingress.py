@@ -40,6 +40,7 @@ class Ingress:
         self.embedders, self.generators = embedders, generators or {}
         # server.embed_in_ingress: these models run here, in this replica's own session (one hop fewer)
         self.local = {model: self._load_local(spec) for model, spec in (local or {}).items()}
+        self.embedding_models = {**self.embedders, **self.local}
         # Requests for a batched model are merged here too, so the embedder replica receives one call per
         # batch instead of one per request: at concurrency 256 its per-call cost, not the GPU, was the cap.
         self.batchers = {model: GreedyBatcher(self._embed_many(self.embedders[model]), size, max_in_flight=INGRESS_IN_FLIGHT)
@@ -99,7 +100,7 @@ class Ingress:
 
     @api.post("/v1/embeddings", response_model=EmbeddingResponse)
     async def embeddings(self, request: EmbeddingRequest) -> JSONResponse:
-        handle = self._handle({**self.embedders, **self.local}, request.model, "embedding")
+        handle = self._handle(self.embedding_models, request.model, "embedding")
         texts = request.texts()
         self._check_texts(texts, "input")
         dim = self.cards[request.model].dim
