@@ -73,10 +73,11 @@ async def load(url: str, concurrency: int, requests: int) -> tuple[float, list[f
         return time.perf_counter() - start, latencies, failures
 
 
-async def load_raw(url: str, concurrency: int, requests: int) -> tuple[float, list[float], int]:
+async def load_raw(url: str, concurrency: int, requests: int, get: bool = False) -> tuple[float, list[float], int]:
     """`load` over plain asyncio streams: one keep-alive HTTP/1.1 connection per worker, prebuilt request
     bytes, responses read by Content-Length. A few tens of microseconds of client CPU per request, where
-    httpx takes several hundred: the client stops being the limit when it shares the host with the server."""
+    httpx takes several hundred: the client stops being the limit when it shares the host with the server.
+    ``get``: GET ``url`` instead (e.g. /health, the cost of the HTTP path around an empty route)."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
@@ -84,6 +85,8 @@ async def load_raw(url: str, concurrency: int, requests: int) -> tuple[float, li
     head = (f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
             "Content-Length: {}\r\n\r\n")
     wire = [head.format(len(b)).encode() + b for b in bodies]
+    if get:
+        wire = [f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n\r\n".encode()]
     latencies, failures, queue = [], 0, list(range(requests))
 
     async def worker():

@@ -65,9 +65,40 @@ def kernel(root: str, entry, use_gpu: bool) -> dict:
     b32 = time_ms(lambda: session.run_sorted(items, 64), warmup=10, repeats=100)
     out = {"providers": session.session.get_providers(), "cuda_graphs": session.graphs is not None,
            "one_text_p50_ms": one["p50"], "one_text_min_ms": one["min"],
-           "batch32_p50_ms": b32["p50"]}
+           "batch32_p50_ms": b32["p50"], **request_path_parts(session, text)}
     del session
     return out
+
+
+def request_path_parts(session, text: str) -> dict:
+    """Two per-request costs of the served path, on this host's CPU: a session run handed to a worker thread
+    (as a replica does for a long run) against one run on the event loop (serve_app's quick runs), and one
+    384-d response written by json.dumps(tolist()) against orjson (the ingress's VectorsResponse)."""
+    import numpy as np
+    import orjson
+    import uvloop
+
+    items = session.prepare([text])
+
+    async def hop(inline: bool) -> list[float]:
+        times = []
+        for i in range(330):
+            start = time.perf_counter()
+            if inline:
+                session.run(items)
+            else:
+                await asyncio.to_thread(session.run, items)
+            if i >= 30:
+                times.append((time.perf_counter() - start) * 1000)
+        return times
+
+    vector = np.random.default_rng(0).standard_normal(384).astype(np.float32)
+    body = {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": vector}]}
+    slow = time_ms(lambda: json.dumps({**body, "data": [{**body["data"][0], "embedding": vector.tolist()}]}), warmup=50, repeats=1000)
+    fast = time_ms(lambda: orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), warmup=50, repeats=1000)
+    return {"run_in_thread_p50_ms": percentile(uvloop.run(hop(False)), 0.5),
+            "run_on_loop_p50_ms": percentile(uvloop.run(hop(True)), 0.5),
+            "json_dumps_us": slow["p50"] * 1000, "orjson_us": fast["p50"] * 1000}
 
 
 def gpu_apps() -> str:
@@ -116,7 +147,11 @@ async def measure(url: str, mode: str, app: str, batch: int, loads: list[tuple[i
         else:
             seconds, lat, failures = await LOADERS[client](url, conc, requests)
         batches = (await handle.batch_stats.remote())[before:] if handle else []
+        health = None
+        if conc == 1:  # the same path around an empty route: HAProxy, Serve's replica, FastAPI
+            health = percentile((await load_raw(url.replace("/v1/embeddings", "/health"), 1, requests, get=True))[1], 0.5)
         rows.append({"mode": mode, "max_batch_size": batch, "concurrency": conc, "requests": requests,
+                     "health_p50_ms": health,
                      "clients": clients if (pool is not None and conc > 1) else 1,
                      "req_s": len(lat) / seconds, "p50_ms": percentile(lat, 0.5), "p99_ms": percentile(lat, 0.99),
                      "max_ms": max(lat), "non_200": failures,
@@ -267,19 +302,23 @@ def main() -> None:
     for r in rows:
         speedup = r["req_s"] / base[(r["mode"], r["concurrency"])] if (r["mode"], r["concurrency"]) in base else None
         path = f"{r['p50_ms'] - model_ms:.2f}" if r["concurrency"] == 1 else "-"
+        health = f"{r['health_p50_ms']:.2f}" if r.get("health_p50_ms") else "-"
         table_rows.append((r["mode"], r["max_batch_size"], r["concurrency"], r.get("clients", 1), r["requests"], f"{r['req_s']:.0f}",
                            f"{speedup:.1f}x" if speedup else "-", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
-                           f"{r['max_ms']:.0f}", f"{r['mean_batch']:.1f}", r["non_200"], path))
+                           f"{r['max_ms']:.0f}", f"{r['mean_batch']:.1f}", r["non_200"], path, health))
     result["wall_s"] = time.perf_counter() - t0
     (OUT / "gpu_http.json").write_text(json.dumps(result, indent=1))
     k = result["kernel"]
     print(f"\n{MODEL}, {result['gpu']}, onnxruntime {result['onnxruntime']}, ray {result['ray']}; "
           f"session providers {k['providers']}, CUDA graphs {k.get('cuda_graphs')}; model alone (prepare+run, 1 text) p50 {k['one_text_p50_ms']:.3f} ms, "
-          f"min {k['one_text_min_ms']:.3f} ms; 32 texts {k['batch32_p50_ms']:.3f} ms; "
+          f"min {k['one_text_min_ms']:.3f} ms; 32 texts {k['batch32_p50_ms']:.3f} ms; one text in a worker thread "
+          f"{k['run_in_thread_p50_ms']:.3f} ms, on the loop {k['run_on_loop_p50_ms']:.3f} ms; one 384-d response: "
+          f"json.dumps {k['json_dumps_us']:.0f} us, orjson {k['orjson_us']:.0f} us; "
           f"bare process without preload_dlls: {result.get('bare_process_provider_without_preload', '-')}; "
           f"wall {result['wall_s']:.0f} s")
     print(table(table_rows, ("serve mode", "max_batch_size", "conc", "clients", "requests", "req/s", "vs batch 1", "p50 ms",
-                             "p99 ms", "max ms", "mean batch", "non-200", "path cost ms (p50 - model)")))
+                             "p99 ms", "max ms", "mean batch", "non-200", "path cost ms (p50 - model)",
+                             "GET /health p50 ms")))
 
 
 if __name__ == "__main__":

@@ -121,6 +121,10 @@ class EncoderSession:
                 first = l2_normalize(first)
         return np.asarray(first, np.float32)
 
+    def quick(self, items: list[Prepared]) -> bool:
+        """A run short enough for the event loop (a small captured CUDA graph; see BucketedEncoder.quick)."""
+        return self.graphs is not None and self.graphs.quick(len(items), max(item.tokens for item in items))
+
     def run_sorted(self, items: list[Prepared], max_rows: int) -> np.ndarray:
         """Sort by length and run in chunks of ``max_rows``: less padding, bounded memory."""
         order = sorted(range(len(items)), key=lambda i: items[i].tokens)

@@ -93,6 +93,10 @@ class TextInputEncoder:
     def run(self, items: Sequence[TextItem]) -> np.ndarray:
         return self.impl.embed([item.text for item in items])
 
+    def quick(self, items: Sequence[TextItem]) -> bool:
+        """String graphs run their tokenizer on the CPU: never short enough for the event loop."""
+        return False
+
     def run_sorted(self, items: Sequence[TextItem], max_rows: int) -> np.ndarray:
         chunks = [self.run(items[i:i + max_rows]) for i in range(0, len(items), max_rows)]
         return np.concatenate(chunks) if chunks else np.zeros((0, self.dim or 0), np.float32)

@@ -35,6 +35,7 @@ def test_buckets_match_exact_shapes_and_over_limit_batches_run_plain(tiny):
     assert set(bucketed.graphs.buckets) == {(8, 16), (1, 16)}  # 5 rows -> 8; (3 rows -> 4) over the limit of 2
     many = plain.prepare([f"sentence {i}" for i in range(70)])  # 70 rows: beyond the largest bucket
     np.testing.assert_allclose(bucketed.run(many), plain.run(many), atol=1e-5)
+    assert not bucketed.quick(items[:1]) and not plain.quick(items[:1])  # no CUDA graphs: always a worker thread
 
 
 @pytest.mark.gpu
@@ -47,6 +48,10 @@ def test_cuda_graph_buckets_on_a_fused_fp16_export(tiny_bert_dir, tmp_path):
     assert gpu.graphs is not None and gpu.graphs.cuda_graph
     cpu = EncoderSession(entry, tmp_path)
     items = cpu.prepare(TEXTS)
+    assert not gpu.quick(items[:1])  # not captured yet: the capture runs off the event loop
     for _ in range(2):  # the first call captures, the second replays
         for batch in (items, items[:1]):
             np.testing.assert_allclose(gpu.run(batch), cpu.run(batch), atol=5e-3)
+    long = cpu.prepare([" ".join(["word"] * 100)] * 8)  # 8 x 128 padded tokens: over QUICK_TOKENS
+    gpu.run(long)
+    assert gpu.quick(items[:1]) and gpu.quick(items) and not gpu.quick(long)

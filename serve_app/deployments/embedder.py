@@ -59,7 +59,10 @@ class EmbeddingModel:
 
     async def _run_batch(self, requests: list[list[Prepared]]) -> list[np.ndarray]:
         rows = [item for request in requests for item in request]
-        vectors = await asyncio.to_thread(self.session.run_sorted, rows, self.max_rows)
+        if self.session.quick(rows):  # a 0.3 ms graph replay: cheaper here than the hop to a thread and back
+            vectors = self.session.run_sorted(rows, self.max_rows)
+        else:
+            vectors = await asyncio.to_thread(self.session.run_sorted, rows, self.max_rows)
         bounds = np.cumsum([0] + [len(r) for r in requests])
         return [vectors[bounds[i] : bounds[i + 1]] for i in range(len(requests))]
 

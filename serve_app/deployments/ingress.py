@@ -5,8 +5,9 @@ import base64
 from typing import Any, Optional
 
 import numpy as np
+import orjson
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -25,10 +26,20 @@ errors.install(api)
 INGRESS_IN_FLIGHT = 4  # merged calls one ingress replica keeps open to one embedder
 
 
-def _encode(vector: np.ndarray, fmt: str) -> list[float] | str:
+def _encode(vector: np.ndarray, fmt: str) -> np.ndarray | str:
     if fmt == "base64":
         return base64.b64encode(np.ascontiguousarray(vector, "<f4").tobytes()).decode()
-    return vector.tolist()
+    return np.ascontiguousarray(vector, np.float32)
+
+
+class VectorsResponse(Response):
+    """JSON with float32 arrays written by orjson: each float is the shortest decimal that reads back as the
+    same float32. ``json.dumps`` of ``tolist()`` took 435 us for one 384-d vector on the 2-core machine (17
+    digits a float, 7.5 kB); this takes 17 us (4.1 kB)."""
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 @serve.deployment(name="Ingress")
@@ -99,7 +110,7 @@ class Ingress:
                                      f"{self.settings.max_input_chars}", where)
 
     @api.post("/v1/embeddings", response_model=EmbeddingResponse)
-    async def embeddings(self, request: EmbeddingRequest) -> JSONResponse:
+    async def embeddings(self, request: EmbeddingRequest) -> VectorsResponse:
         handle = self._handle(self.embedding_models, request.model, "embedding")
         texts = request.texts()
         self._check_texts(texts, "input")
@@ -115,8 +126,8 @@ class Ingress:
             vectors, tokens = await self._call(lambda: batcher.submit(texts))
         data = [{"object": "embedding", "index": i, "embedding": _encode(v, request.encoding_format)}
                 for i, v in enumerate(vectors)]
-        return JSONResponse({"object": "list", "data": data, "model": request.model,
-                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        return VectorsResponse({"object": "list", "data": data, "model": request.model,
+                                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     def _check_generation(self, max_tokens: int, stops: list[str]) -> None:
         limit = self.settings.max_tokens_limit
