@@ -11,7 +11,9 @@ graph, so a figure includes the gap between kernels as the decoder sees it. Vari
 - `split-k S`: the K axis in S slices, one batched MatMul [S, 1, K/S] x [S, K/S, N] then ReduceSum;
 - `torch`: F.linear, CUDA graph: the same cuBLAS, with PyTorch's choice of call.
 
-    python bench/gemv_probe.py            # GPU host, after the wheel transfers; prints a table, writes $OUT/gemv.json
+    python bench/gemv_probe.py            # GPU host, after the wheel transfers; table + $OUT/gemv.json
+                                          # each variant writes and loads 0.2-0.8 GB of weights: with
+                                          # --rows 1 32 --split 2 4 it took 6 minutes on an H200
     python bench/gemv_probe.py --device cpu --hidden 64 --copies 2   # logic check here
 """
 from __future__ import annotations
@@ -132,9 +134,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--copies", type=int, default=24)
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1])
     parser.add_argument("--reps", type=int, default=200)
-    parser.add_argument("--split", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--split", type=int, nargs="*", default=[],
+                        help="split-K variants (2 and 4 were slower on every shape on an H200)")
     args = parser.parse_args()
     if args.device == "cuda":
         import torch  # noqa: F401 - loads the CUDA libraries ONNX Runtime uses

@@ -52,6 +52,6 @@ def test_cuda_graph_buckets_on_a_fused_fp16_export(tiny_bert_dir, tmp_path):
     for _ in range(2):  # the first call captures, the second replays
         for batch in (items, items[:1]):
             np.testing.assert_allclose(gpu.run(batch), cpu.run(batch), atol=5e-3)
-    long = cpu.prepare([" ".join(["word"] * 100)] * 8)  # 8 x 128 padded tokens: over QUICK_TOKENS
+    long = cpu.prepare([" ".join(["word"] * 40)] * 16)  # bucket 16 x 64 = 1024 padded tokens: over QUICK_TOKENS
     gpu.run(long)
     assert gpu.quick(items[:1]) and gpu.quick(items) and not gpu.quick(long)
