@@ -180,7 +180,7 @@ def http_child(args) -> None:
 
     mode = "throughput" if os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1" else "default"
     mode += IN_INGRESS if args.embed_in_ingress else ""
-    env_vars = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
+    env_vars = {k: v for k, v in os.environ.items() if k == "PYTHONPATH" or k.startswith("ONNX_SERVE_")}
     start = time.perf_counter()
     ray.init(address="local", include_dashboard=False, log_to_driver=False, namespace="serve",
              runtime_env={"env_vars": env_vars} if env_vars else None)

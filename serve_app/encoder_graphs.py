@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 import threading
 
 import numpy as np
@@ -21,7 +22,8 @@ logger = logging.getLogger("serve_app")
 ROWS = (1, 2, 4, 8, 16, 32, 64)
 WIDTHS = (16, 32, 64, 96, 128, 192, 256, 384, 512)
 NAMES = ("input_ids", "attention_mask", "token_type_ids")
-QUICK_TOKENS = 512  # a captured bucket up to rows x width this size replays in about 0.3-0.5 ms (MiniLM, H100)
+# a captured bucket up to rows x width this size replays in about 0.3-0.5 ms (MiniLM, H100/H200); 0: never quick
+QUICK_TOKENS = int(os.environ.get("ONNX_SERVE_QUICK_TOKENS", "512"))
 
 
 def bucket_shape(rows: int, width: int) -> tuple[int, int] | None:
