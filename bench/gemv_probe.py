@@ -37,7 +37,6 @@ def shapes(hidden: int) -> dict[str, tuple[int, int]]:
 
 def graph(k: int, n: int, copies: int, variant: str, rows: int):
     """`copies` GEMVs of x [rows, K] against distinct weights, every result a graph output."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)

@@ -225,14 +225,14 @@ def needs_external_data(model) -> bool:
     return sum(p.numel() * p.element_size() for p in model.parameters()) > TWO_GB - 256 * 2**20
 
 
-def _check_io(model_proto, input_names, output_names):
+def check_io(model_proto, input_names, output_names):
     got_in = tuple(i.name for i in model_proto.graph.input)
     got_out = tuple(o.name for o in model_proto.graph.output)
     if got_in != tuple(input_names) or got_out != tuple(output_names):
         raise RuntimeError(f"exported graph io mismatch: inputs {got_in[:4]}..., outputs {got_out[:3]}...")
 
 
-def _eos_ids(model) -> tuple[int, ...]:
+def eos_ids(model) -> tuple[int, ...]:
     eos = getattr(model.generation_config, "eos_token_id", None)
     if eos is None:
         eos = model.config.eos_token_id
@@ -268,7 +268,7 @@ def export_decoder(
         raw = Path(tmp) / "raw.onnx"
         _export_raw(wrapper, args, raw, exporter, opset, input_names, output_names)
         proto = onnx.load(str(raw), load_external_data=True)
-        _check_io(proto, input_names, output_names)
+        check_io(proto, input_names, output_names)
         save_graph(proto, out_path, bool(external_data))
     info = DecoderExportInfo(
         model_type=config.model_type,
@@ -276,7 +276,7 @@ def export_decoder(
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         vocab_size=config.vocab_size,
-        eos_token_ids=_eos_ids(model),
+        eos_token_ids=eos_ids(model),
         input_names=input_names,
         output_names=output_names,
         opset=opset,

@@ -22,7 +22,7 @@ def load_decoder(resolved: ResolvedSource):
 
 
 def export_decoder_model(cfg: ModelConfig, resolved: ResolvedSource, staging: Path) -> dict[str, Any]:
-    from .decoder_export import _eos_ids, export_decoder
+    from .decoder_export import eos_ids, export_decoder
     from .decoder_sources import save_tokenizer
     from .decoder_validate import validate_decoder
 
@@ -35,7 +35,7 @@ def export_decoder_model(cfg: ModelConfig, resolved: ResolvedSource, staging: Pa
     spec = spec_for(cfg.task, model.config.model_type)
     assert isinstance(spec, DecoderSpec)
     save_tokenizer(tokenizer, staging / "tokenizer")
-    eos = _eos_ids(model)
+    eos = eos_ids(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or (0,))[0]
     tolerance = cfg.tolerance or spec.tolerance
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)

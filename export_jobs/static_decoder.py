@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 import torch
 
-from .decoder_export import JsonInfo, _check_io, _eos_ids, needs_external_data, save_graph
+from .decoder_export import JsonInfo, check_io, eos_ids, needs_external_data, save_graph
 from .weight_layout import transpose_matmul_weights
 
 INFO_FILE = "static_decoder.json"
@@ -350,12 +350,12 @@ def export_static_decoder(model, out_path: str | Path, max_length: int, opset: i
         proto, fused = _fuse(raw, wrapper)
         if transpose_weights:
             fused["FusedMatMul"] = transpose_matmul_weights(proto)
-        _check_io(proto, input_names, output_names)
+        check_io(proto, input_names, output_names)
         save_graph(proto, out_path, bool(external_data))
     info = StaticDecoderInfo(
         model_type=model.config.model_type, num_layers=len(wrapper.layers), num_heads=wrapper.heads,
         num_kv_heads=wrapper.kv_heads, head_dim=wrapper.head_dim, vocab_size=model.config.vocab_size,
-        max_length=int(max_length), eos_token_ids=_eos_ids(model), dtype=str(model.dtype).removeprefix("torch."),
+        max_length=int(max_length), eos_token_ids=eos_ids(model), dtype=str(model.dtype).removeprefix("torch."),
         opset=opset, external_data=bool(external_data), fused_operators=fused,
     )
     info.save(out_path.parent)
