@@ -328,7 +328,10 @@ def section_gptneo(args) -> None:
     variants: dict = {}  # name -> fn(prompts, n) -> tokens per row
     static_sessions: dict = {}
     tmp = Path(tempfile.mkdtemp(prefix="gptneo-"))
+    wanted = set(args.decoders)
     try:
+        if "dynamic" not in wanted:
+            raise LookupError("not asked for (--decoders)")
         start = time.perf_counter()
         info = export_decoder(model, tmp / "dynamic" / "model.onnx")
         record["export_s"] = round(time.perf_counter() - start, 1)
@@ -336,10 +339,14 @@ def section_gptneo(args) -> None:
         variants["ONNX decode loop (IO binding)"] = lambda prompts, n: generate_all(
             dynamic, prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
         print(f"[gptneo] exported ({info.exporter}, {info.dtype}) in {record['export_s']} s", flush=True)
+    except LookupError:
+        pass
     except Exception as exc:  # noqa: BLE001
         record["onnx_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
         traceback.print_exc()
     for layout, folder, label in ((False, "static", ""), (True, "static_t", ", [out,in] weights")):
+        if folder not in wanted and not (folder == "static" and wanted & {"int8", "int4"}):
+            continue
         try:
             start = time.perf_counter()
             info_static = export_static_decoder(model, tmp / folder / "model.onnx", max_length=args.max_length,
@@ -359,8 +366,29 @@ def section_gptneo(args) -> None:
         except Exception as exc:  # noqa: BLE001
             record[f"{folder}_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
             traceback.print_exc()
-    # Measured and left out: an 8-bit weight-only copy (MatMulNBits, block 32) ran 1.90 ms/token against
-    # 1.75 for fp16, with logits 1.44 off fp32 (top-1 31/64): no speed and worse parity.
+    for bits in (8, 4):  # the int8 / int4 decoder options: the static graph's weights as MatMulNBits
+        if f"int{bits}" not in wanted or not (tmp / "static" / "model.onnx").exists():
+            continue
+        try:
+            from export_jobs.weight_only import quantize_weight_only
+
+            built = quantize_weight_only(tmp / "static" / "model.onnx", tmp / "static" / f"model.int{bits}.onnx", bits)
+            record[f"int{bits}"] = built
+            print(f"[gptneo] int{bits} weight-only: {built['MatMulNBits']} MatMulNBits, {built['bytes'] / 1e9:.2f} GB "
+                  f"(fp16 {built['source_bytes'] / 1e9:.2f}) in {built['seconds']} s", flush=True)
+            graph = device == "cuda"
+            name = f"ONNX static cache + GQA{' + CUDA graph' if graph else ''}, int{bits} weights"
+            session = StaticDecoderSession(tmp / "static" / f"model.int{bits}.onnx", providers=providers(device),
+                                           cuda_graph=graph, max_batch=32)
+            static_sessions[name] = session
+            variants[name] = (lambda sess: lambda prompts, n: generate_all_static(
+                sess, prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)))(session)
+        except Exception as exc:  # noqa: BLE001
+            record[f"int{bits}_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+            traceback.print_exc()
+    if "static" not in wanted:
+        for name in ("ONNX static cache + GQA + CUDA graph", "ONNX static cache + GQA"):
+            variants.pop(name, None), static_sessions.pop(name, None)
 
     def teacher_forced(session, prompt: list[int], tokens: list[int], reference: np.ndarray) -> dict:
         """Static graph fed the same tokens as the reference: max |logits diff| and top-1 agreement per step."""
@@ -450,7 +478,7 @@ def section_gptneo(args) -> None:
         print(f"  logits along transformers' greedy sequence (batch 1, {new} steps, vs transformers fp32):")
         print(table([(k, f"{v.get('max_abs_diff', float('nan')):.3g}", v.get("top1_agree", v.get("error", "")))
                      for k, v in record["teacher_forced"].items()], ("logits of", "max abs diff", "top-1 = fp32")))
-    for key in ("onnx_error", "static_error", "static_t_error"):
+    for key in ("onnx_error", "static_error", "static_t_error", "int8_error", "int4_error"):
         if key in record:
             print(f"  {key}: {record[key]}")
 
@@ -547,6 +575,9 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=40)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--decoders", nargs="+", default=["dynamic", "static", "static_t", "int8", "int4"],
+                        choices=("dynamic", "static", "static_t", "int8", "int4"),
+                        help="GPT-Neo graphs to export and time (int8/int4 quantize the static one)")
     args = parser.parse_args()
     import transformers
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Bump when the exporters change what they write for the same configuration: artifacts recorded under
 # an older revision are then exported again (2: additive 4-D attention mask, fusable by ORT's optimizer).
@@ -41,14 +41,16 @@ class SpeedOption(str, enum.Enum):
 
     none: the exported fp32 graph; fused: ORT transformer optimizer (Attention, SkipLayerNorm...);
     fp16: fused, then float16 weights and compute (GPU serving); int8: fused, then dynamic int8 (CPU serving).
-    Decoders (generation) take none or fused: fused adds the static-cache GroupQueryAttention graph
-    (export_jobs.static_decoder), gated on its own, which the server then decodes with (CUDA graphs on GPUs).
+    Decoders (generation) take none, fused, int8 or int4: fused adds the static-cache GroupQueryAttention
+    graph (export_jobs.static_decoder), gated on its own, which the server then decodes with (CUDA graphs on
+    GPUs); int8 / int4 quantize that graph's weights (export_jobs.weight_only), gated on top-1 agreement.
     """
 
     none = "none"
     fused = "fused"
     fp16 = "fp16"
     int8 = "int8"
+    int4 = "int4"  # decoders only
 
 
 class ServingOptions(BaseModel):
@@ -88,7 +90,7 @@ class ModelConfig(BaseModel):
     truncate: bool = Field(False, description="Truncate over-long inputs instead of refusing them.")
     precision: Precision = Precision.fp32
     optimize: SpeedOption = Field(SpeedOption.none, description="Post-export speed option, gated on its own "
-                                  "(decoders: none or fused).")
+                                  "(decoders: none, fused, int8 or int4).")
     opset: int = Field(18, ge=14, le=23)
     tolerance: float | None = Field(None, gt=0.0, description="None: the architecture's default.")
     serving: ServingOptions = ServingOptions()
@@ -99,6 +101,12 @@ class ModelConfig(BaseModel):
         if any(ord(ch) < 32 for ch in value):
             raise ValueError("source contains control characters")
         return value
+
+    @model_validator(mode="after")
+    def _option_fits_task(self) -> "ModelConfig":
+        if self.optimize is SpeedOption.int4 and self.task is not Task.generation:
+            raise ValueError("optimize: int4 (weight-only) is for generation models")
+        return self
 
     def fingerprint(self) -> str:
         """Hash of everything that changes the exported artifact (not serving options)."""

@@ -11,6 +11,7 @@ from .specs import DecoderSpec, spec_for
 from .validate import ExportError
 
 STATIC_DIR = "static"  # the `fused` speed option's graph (then the only one exported)
+WEIGHT_BITS = {SpeedOption.int8: 8, SpeedOption.int4: 4}  # weight-only options over the static graph
 
 
 def load_decoder(resolved: ResolvedSource):
@@ -28,9 +29,9 @@ def export_decoder_model(cfg: ModelConfig, resolved: ResolvedSource, staging: Pa
 
     if cfg.precision is not Precision.fp32:
         raise ExportError(f"{cfg.id}: the CPU gate checks fp32 decoders; fp16 is a GPU bench option for now")
-    if cfg.optimize not in (SpeedOption.none, SpeedOption.fused):
-        raise ExportError(f"{cfg.id}: decoders take optimize: none or fused (the static-cache GQA graph), "
-                          f"not {cfg.optimize.value}")
+    if cfg.optimize not in (SpeedOption.none, SpeedOption.fused, *WEIGHT_BITS):
+        raise ExportError(f"{cfg.id}: decoders take optimize: none, fused (the static-cache GQA graph), int8 or "
+                          f"int4 (its weights quantized), not {cfg.optimize.value}")
     model, tokenizer = load_decoder(resolved)
     spec = spec_for(cfg.task, model.config.model_type)
     assert isinstance(spec, DecoderSpec)
@@ -50,12 +51,18 @@ def export_decoder_model(cfg: ModelConfig, resolved: ResolvedSource, staging: Pa
                            "details": {k: v for k, v in figures.items() if isinstance(v, (int, float, str))}},
                 "metadata": {**metadata, **common}}
 
-    if cfg.optimize is SpeedOption.fused:
+    if cfg.optimize is not SpeedOption.none:
         # Only the static-cache graph: it is what the server loads, and it passes its own gate.
         static = _static_variant(model, staging, int(context), spec, tolerance, pad)
         figures = static["parity"]
+        model_file, metadata = static["model_file"], {"static_decoder": static}
+        if cfg.optimize in WEIGHT_BITS:  # then its weights quantized, served only past their own gate
+            quantized = _weight_only_variant(model, staging, WEIGHT_BITS[cfg.optimize], spec, pad)
+            model_file, metadata["weight_only"] = quantized["model_file"], quantized
+            del static["model_file"]
         return entry(figures["logits_max_abs_diff"], figures["logits_steps"] + 2,  # + greedy batch 1, padded batch 2
-                     figures, {"static_decoder": static}, model_file=static["model_file"])
+                     figures, metadata, model_file=model_file,
+                     precision=cfg.optimize.value if cfg.optimize in WEIGHT_BITS else "fp32")
     info = export_decoder(model, staging / "model.onnx", opset=cfg.opset)
     figures = validate_decoder(model, staging / "model.onnx", new_tokens=spec.greedy_tokens,
                                tolerance=tolerance, pad_token_id=pad)
@@ -74,3 +81,18 @@ def _static_variant(model, staging: Path, context: int, spec: DecoderSpec, toler
                                       tolerance=tolerance, pad_token_id=pad)
     return {"model_file": f"{STATIC_DIR}/model.onnx", "max_length": info.max_length,
             "fused_operators": info.fused_operators, "parity": figures}
+
+
+def _weight_only_variant(model, staging: Path, bits: int, spec: DecoderSpec, pad: int) -> dict:
+    """static/model.int{bits}.onnx beside the gated fp32 static graph (sharing its static_decoder.json),
+    with its build and gate figures; raises AgreementError when it agrees too little with fp32."""
+    from .decoder_validate import default_prompts
+    from .weight_only import check_weight_only, quantize_weight_only
+
+    name, source = f"{STATIC_DIR}/model.int{bits}.onnx", staging / STATIC_DIR / "model.onnx"
+    built = quantize_weight_only(source, staging / name, bits)
+    gate = check_weight_only(model, staging / name, default_prompts(model), bits, new_tokens=spec.greedy_tokens,
+                             pad_token_id=pad)
+    for path in (source, source.with_name(source.name + ".data")):  # served: only the quantized file
+        path.unlink(missing_ok=True)
+    return {"model_file": name, **built, "gate": gate, "removed": f"{STATIC_DIR}/model.onnx (fp32, gated above)"}
