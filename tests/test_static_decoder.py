@@ -162,6 +162,20 @@ def test_smollm2_static_graph_passes_the_gate(tmp_path):
     session = StaticDecoderSession(tmp_path / "model.onnx", session_options=one_thread())
     tokens = generate_all_static(session, [prompt], SamplingParams(max_tokens=4, temperature=0))[0]
     assert tok.decode(tokens).strip().startswith("Paris")
+    # the default `optimize: int8`: its weights quantized pass their own gate and still say Paris;
+    # int4 changes too many tokens of a 135M model and is refused
+    from export_jobs.weight_only import AgreementError, check_weight_only, quantize_weight_only
+
+    for bits in (8, 4):
+        quantize_weight_only(tmp_path / "model.onnx", tmp_path / f"model.int{bits}.onnx", bits)
+    gate = check_weight_only(model, tmp_path / "model.int8.onnx", [prompt], 8, new_tokens=16)
+    assert gate["top1_agree"] >= 0.9 * gate["top1_steps"] and gate["greedy_same_prefix_tokens"] >= 12
+    session = StaticDecoderSession(tmp_path / "model.int8.onnx", session_options=one_thread())
+    tokens = generate_all_static(session, [prompt], SamplingParams(max_tokens=4, temperature=0))[0]
+    assert tok.decode(tokens).strip().startswith("Paris")
+    with pytest.raises(AgreementError):
+        check_weight_only(model, tmp_path / "model.int4.onnx", [prompt, tok("def fibonacci(n):")["input_ids"]], 4,
+                          new_tokens=16)
 
 
 @pytest.mark.gpu
