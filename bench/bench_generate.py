@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export_jobs.decoder_export import export_decoder  # noqa: E402
+from export_jobs.decoder_validate import common_prefix  # noqa: E402
 from export_jobs.decoder_sources import load_smollm2  # noqa: E402
 from export_jobs.static_decoder import export_static_decoder  # noqa: E402
 from export_jobs.weight_only import quantize_weight_only  # noqa: E402
@@ -161,11 +162,10 @@ def main(argv=None) -> dict:
                 q_total[bits].append(total)
 
     n = args.new_tokens
-    matched = next((i for i, (a, b) in enumerate(zip(hf_tokens, ort_tokens)) if a != b), min(len(hf_tokens), len(ort_tokens)))
+    matched = common_prefix(hf_tokens, ort_tokens)
     ort_med, first_med = statistics.median(ort_total), statistics.median(ort_first)
     st_med, st_first_med = statistics.median(st_total), statistics.median(st_first)
-    static_matched = next((i for i, (a, b) in enumerate(zip(hf_tokens, static_tokens)) if a != b),
-                          min(len(hf_tokens), len(static_tokens)))
+    static_matched = common_prefix(hf_tokens, static_tokens)
     figures = {
         "model": name, "device": args.device, "dtype": str(dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(), "ort_threads": args.threads or "default", "prompt_tokens": len(prompt), "new_tokens": n,
@@ -185,8 +185,7 @@ def main(argv=None) -> dict:
     }
     for bits, runs in q_total.items():
         figures[f"static_int{bits}_ms_per_token"] = round(1000 * statistics.median(runs) / n, 2)
-        figures[f"static_int{bits}_greedy_tokens_equal_prefix"] = next(
-            (i for i, (a, b) in enumerate(zip(hf_tokens, q_tokens[bits])) if a != b), min(len(hf_tokens), len(q_tokens[bits])))
+        figures[f"static_int{bits}_greedy_tokens_equal_prefix"] = common_prefix(hf_tokens, q_tokens[bits])
     print(json.dumps(figures, indent=2))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))

@@ -141,6 +141,21 @@ def validate_decoder(model, onnx_path: str | Path, prompts: Sequence[Sequence[in
     return figures
 
 
+def greedy_reference(model, prompt: Sequence[int], new_tokens: int, pad_token_id: int) -> tuple[list[int], np.ndarray]:
+    """transformers' greedy continuation of `prompt` and its fp32 logits [len(tokens), vocab] along it: row i
+    is transformers' prediction of tokens[i], what `static_logits_along` gives for the exported graph."""
+    tokens = transformers_greedy(model, [list(prompt)], new_tokens, pad_token_id)[0]
+    with torch.no_grad():
+        full = torch.tensor([list(prompt) + tokens], device=model.device)
+        reference = model(full).logits[0].float().cpu().numpy()[len(prompt) - 1:-1]
+    return tokens, reference
+
+
+def common_prefix(expected: Sequence[int], actual: Sequence[int]) -> int:
+    """How many tokens two sequences share before the first difference."""
+    return next((i for i, (a, b) in enumerate(zip(expected, actual)) if a != b), min(len(expected), len(actual)))
+
+
 def static_logits_along(session, prompt: Sequence[int], tokens: Sequence[int], pad_token_id: int = 0) -> np.ndarray:
     """Logits [len(tokens), vocab] of a static-cache session (serve_app.static_generation) fed `prompt`, then
     `tokens` one decode step at a time: row i is its prediction of tokens[i] (teacher forcing)."""
@@ -173,10 +188,7 @@ def validate_static_decoder(model, onnx_path: str | Path, prompts: Sequence[Sequ
         pad_token_id = min(eos) if eos else 0
     worst, steps = 0.0, 0
     for prompt in prompts:
-        tokens = transformers_greedy(model, [prompt], new_tokens, pad_token_id)[0]
-        with torch.no_grad():
-            full = torch.tensor([prompt + tokens], device=model.device)
-            reference = model(full).logits[0].float().cpu().numpy()[len(prompt) - 1:-1]
+        tokens, reference = greedy_reference(model, prompt, new_tokens, pad_token_id)
         worst = max(worst, _max_abs(reference, static_logits_along(session, prompt, tokens, pad_token_id)))
         steps += len(tokens)
     figures = {"logits_max_abs_diff": worst, "logits_steps": steps, "tolerance": tolerance,

@@ -161,11 +161,13 @@ def apply_speed_option(fp32_path: str | Path, out_path: str | Path, option: Spee
     else:
         figures = fuse(fp32_path, out_path, hf_config, fp16=option is SpeedOption.fp16,
                        use_gpu=option is SpeedOption.fp16)
-    return {"option": option.value, **figures, "bytes": _bytes(out_path), "source_bytes": _bytes(Path(fp32_path)),
+    return {"option": option.value, **figures, "bytes": file_bytes(out_path),
+            "source_bytes": file_bytes(Path(fp32_path)),
             "seconds": round(time.perf_counter() - start, 2)}
 
 
-def _bytes(path: Path) -> int:
+def file_bytes(path: Path) -> int:
+    """An ONNX file's size with its external data file (`<name>.data`), if any."""
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
