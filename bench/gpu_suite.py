@@ -39,6 +39,7 @@ from common import table  # noqa: E402
 ort.set_default_logger_severity(3)  # errors only: the TensorRT probe's load failure is reported in the table
 
 RESULTS: dict = {}
+FPA_BLOCK = 128  # ORT's fpA_intB weight-only kernels take blocks of 64 or 128
 
 
 def emit(args) -> None:
@@ -231,6 +232,28 @@ def section_embeddings(args) -> None:
                                                       for p in bound.session.get_providers())
             except Exception as exc:  # noqa: BLE001
                 notes[name] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+        if device == "cuda" and batch > 1:  # the served encoder's buckets: rows sorted by length, split in chunks
+            from serve_app.encoder_graphs import BucketedEncoder
+
+            graphs = ort.InferenceSession(str(fp16_path), providers=providers(device, enable_cuda_graph=True))
+            encoder = BucketedEncoder(graphs, dim, cuda_graph=True)  # one session: its graph ids are per encoder
+
+            def bucketed(cost: int):
+                def run():
+                    encoder.split_cost = cost
+                    return encoder.run(feeds)
+                return run
+
+            from serve_app.encoder_graphs import SPLIT_COST_TOKENS
+
+            for cost, label in ((SPLIT_COST_TOKENS, "default"), (0, "any saving"), (10**9, "off")):
+                name = f"ORT fused fp16 + CUDA graph buckets, length split {label} (host feeds)"
+                try:
+                    outputs[name] = bucketed(cost)()  # captures its buckets
+                    runners[name] = bucketed(cost)
+                    notes[name] = f"{len(encoder.buckets)} buckets so far"
+                except Exception as exc:  # noqa: BLE001
+                    notes[name] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
         if device == "cuda":
             name = "ORT TensorRT EP fp16"
             if "TensorrtExecutionProvider" not in ort.get_available_providers():
@@ -343,7 +366,7 @@ def section_gptneo(args) -> None:
             traceback.print_exc()
     for layout, folder, label in ((False, "static", ""), (True, "static_t", ", [out,in] weights")):
         timed = folder in wanted  # the int8/int4 copies need the static graph exported, not timed
-        if not timed and not (folder == "static" and wanted & {"int8", "int4"}):
+        if not timed and not (folder == "static" and any(w.startswith("int") for w in wanted)):
             continue
         try:
             start = time.perf_counter()
@@ -364,25 +387,40 @@ def section_gptneo(args) -> None:
         except Exception as exc:  # noqa: BLE001
             record[f"{folder}_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
             traceback.print_exc()
-    for bits in (8, 4):  # the int8 / int4 decoder options: the static graph's weights as MatMulNBits
-        if f"int{bits}" not in wanted or not (tmp / "static" / "model.onnx").exists():
+    quantized = [(bits, block, fast) for bits in (8, 4) for block, fast, tag in ((32, False, ""), (FPA_BLOCK, True, "_fpaintb"))
+                 if f"int{bits}{tag}" in wanted]
+    for bits, block, fast in quantized:  # the int8 / int4 decoder options: the static graph's weights as MatMulNBits
+        if not (tmp / "static" / "model.onnx").exists():
             continue
+        key = f"int{bits}{'_fpaintb' if fast else ''}"
         try:
             from export_jobs.weight_only import quantize_weight_only
 
-            built = quantize_weight_only(tmp / "static" / "model.onnx", tmp / "static" / f"model.int{bits}.onnx", bits)
-            record[f"int{bits}"] = built
-            print(f"[gptneo] int{bits} weight-only: {built['MatMulNBits']} MatMulNBits, {built['bytes'] / 1e9:.2f} GB "
-                  f"(fp16 {built['source_bytes'] / 1e9:.2f}) in {built['seconds']} s", flush=True)
+            path = tmp / "static" / f"model.{key}.onnx"
+            built = quantize_weight_only(tmp / "static" / "model.onnx", path, bits, block_size=block)
+            record[key] = built
+            print(f"[gptneo] {key} weight-only, block {block}: {built['MatMulNBits']} MatMulNBits, "
+                  f"{built['bytes'] / 1e9:.2f} GB (fp16 {built['source_bytes'] / 1e9:.2f}) in {built['seconds']} s",
+                  flush=True)
             graph = device == "cuda"
-            name = f"ONNX static cache + GQA{' + CUDA graph' if graph else ''}, int{bits} weights"
-            session = StaticDecoderSession(tmp / "static" / f"model.int{bits}.onnx", providers=providers(device),
-                                           cuda_graph=graph, max_batch=32)
+            name = (f"ONNX static cache + GQA{' + CUDA graph' if graph else ''}, int{bits} weights"
+                    f"{f', block {block}, fpA_intB kernels' if fast else ''}")
+            options = ort.SessionOptions()
+            if fast:  # ORT's TensorRT-LLM weight-only GEMV/GEMM (fp16, block 64/128): the env var before 1.32,
+                options.add_session_config_entry("ep.cuda.fpa_intb_gemm", "1")  # this key after
+                os.environ["ORT_FPA_INTB_GEMM"] = "1"
+            try:
+                start = time.perf_counter()
+                session = StaticDecoderSession(path, providers=providers(device), session_options=options,
+                                               cuda_graph=graph, max_batch=32)
+                record[f"{key}_session_s"] = round(time.perf_counter() - start, 1)
+            finally:
+                os.environ.pop("ORT_FPA_INTB_GEMM", None)
             static_sessions[name] = session
             variants[name] = (lambda sess: lambda prompts, n: generate_all_static(
                 sess, prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)))(session)
         except Exception as exc:  # noqa: BLE001
-            record[f"int{bits}_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+            record[f"{key}_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
             traceback.print_exc()
 
     def teacher_forced(session, prompt: list[int], tokens: list[int], reference: np.ndarray) -> dict:
@@ -473,8 +511,8 @@ def section_gptneo(args) -> None:
         print(f"  logits along transformers' greedy sequence (batch 1, {new} steps, vs transformers fp32):")
         print(table([(k, f"{v.get('max_abs_diff', float('nan')):.3g}", v.get("top1_agree", v.get("error", "")))
                      for k, v in record["teacher_forced"].items()], ("logits of", "max abs diff", "top-1 = fp32")))
-    for key in ("onnx_error", "static_error", "static_t_error", "int8_error", "int4_error"):
-        if key in record:
+    for key in record:
+        if key.endswith("_error"):
             print(f"  {key}: {record[key]}")
 
 
@@ -571,8 +609,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--decoders", nargs="+", default=["dynamic", "static", "static_t", "int8", "int4"],
-                        choices=("dynamic", "static", "static_t", "int8", "int4"),
-                        help="GPT-Neo graphs to export and time (int8/int4 quantize the static one)")
+                        choices=("dynamic", "static", "static_t", "int8", "int4", "int8_fpaintb", "int4_fpaintb"),
+                        help="GPT-Neo graphs to export and time (int8/int4 quantize the static one; _fpaintb: "
+                             f"block {FPA_BLOCK}, run by ORT's fpA_intB kernels)")
     args = parser.parse_args()
     import transformers
 
