@@ -40,6 +40,27 @@ ort.set_default_logger_severity(3)  # errors only: the TensorRT probe's load fai
 
 RESULTS: dict = {}
 FPA_BLOCK = 128  # ORT's fpA_intB weight-only kernels take blocks of 64 or 128
+# How ORT's CUDA MatMul picks its kernel for the decoder's small-M GEMMs: (row label, session config, env).
+# "tune": per shape, the fastest of cuBLAS, ORT's small-N GEMV and tinygemm2, timed in graph-replay mode.
+GEMM_MODES = {
+    "cublas": ("", {}, {}),
+    "tune": (", GEMM auto-tune", {"ep.cuda.enable_gemm_auto_tune": "1"}, {"ORT_CUDA_GEMM_GRAPH_REPLAY_TUNING": "1"}),
+    "smalln": (", small-N GEMV", {}, {"ORT_ENABLE_SMALL_N_GEMV": "1"}),
+}
+
+
+def gemm_session(mode: str, build):
+    """build(session_options) with the GEMM mode's session config and environment (read as kernels are made)."""
+    _, config, env = GEMM_MODES[mode]
+    options = ort.SessionOptions()
+    for key, value in config.items():
+        options.add_session_config_entry(key, value)
+    os.environ.update(env)
+    try:
+        return build(options)
+    finally:
+        for key in env:
+            os.environ.pop(key, None)
 
 
 def emit(args) -> None:
@@ -232,28 +253,6 @@ def section_embeddings(args) -> None:
                                                       for p in bound.session.get_providers())
             except Exception as exc:  # noqa: BLE001
                 notes[name] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
-        if device == "cuda" and batch > 1:  # the served encoder's buckets: rows sorted by length, split in chunks
-            from serve_app.encoder_graphs import BucketedEncoder
-
-            graphs = ort.InferenceSession(str(fp16_path), providers=providers(device, enable_cuda_graph=True))
-            encoder = BucketedEncoder(graphs, dim, cuda_graph=True)  # one session: its graph ids are per encoder
-
-            def bucketed(cost: int):
-                def run():
-                    encoder.split_cost = cost
-                    return encoder.run(feeds)
-                return run
-
-            from serve_app.encoder_graphs import SPLIT_COST_TOKENS
-
-            for cost, label in ((SPLIT_COST_TOKENS, "default"), (0, "any saving"), (10**9, "off")):
-                name = f"ORT fused fp16 + CUDA graph buckets, length split {label} (host feeds)"
-                try:
-                    outputs[name] = bucketed(cost)()  # captures its buckets
-                    runners[name] = bucketed(cost)
-                    notes[name] = f"{len(encoder.buckets)} buckets so far"
-                except Exception as exc:  # noqa: BLE001
-                    notes[name] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
         if device == "cuda":
             name = "ORT TensorRT EP fp16"
             if "TensorrtExecutionProvider" not in ort.get_available_providers():
@@ -376,16 +375,42 @@ def section_gptneo(args) -> None:
             print(f"[gptneo] static-cache GQA graph{label} exported in {record[f'{folder}_export_s']} s; "
                   f"{info_static.fused_operators}", flush=True)
             # measured and left out: ORT_ENABLE_XQA=0 (ORT's other decode attention kernel), 1.75 vs 1.71 ms/token
-            for name, graph in ((f"static cache + GQA + CUDA graph{label}", True), (f"static cache + GQA{label}", False)):
-                if not timed or (graph and device != "cuda"):
-                    continue
-                session = StaticDecoderSession(tmp / folder / "model.onnx", providers=providers(device),
-                                               cuda_graph=graph, max_batch=32)
-                static_sessions[f"ONNX {name}"] = session
-                variants[f"ONNX {name}"] = (lambda sess: lambda prompts, n: generate_all_static(
-                    sess, prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)))(session)
+            for gemm in args.gemm:
+                for name, graph in ((f"static cache + GQA + CUDA graph{label}", True), (f"static cache + GQA{label}", False)):
+                    if not timed or (graph and device != "cuda") or (gemm != "cublas" and device != "cuda"):
+                        continue
+                    name = f"ONNX {name}{GEMM_MODES[gemm][0]}"
+                    session = gemm_session(gemm, lambda options: StaticDecoderSession(
+                        tmp / folder / "model.onnx", providers=providers(device), session_options=options,
+                        cuda_graph=graph, max_batch=32))
+                    static_sessions[name] = session
+                    variants[name] = (lambda sess: lambda prompts, n: generate_all_static(
+                        sess, prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)))(session)
         except Exception as exc:  # noqa: BLE001
             record[f"{folder}_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+            traceback.print_exc()
+    if "fp16_served" in wanted:  # what `optimize: fp16` serves: the fp32 export, gated, converted to float16
+        try:
+            import copy
+
+            from export_jobs.static_decoder import to_float16
+
+            start = time.perf_counter()
+            export_static_decoder(copy.deepcopy(model).float(), tmp / "served" / "fp32.onnx", max_length=args.max_length)
+            half = to_float16(tmp / "served" / "fp32.onnx")
+            onnx.save_model(half, str(tmp / "served" / "model.onnx"), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location="model.onnx.data")
+            info = tmp / "served" / "static_decoder.json"
+            info.write_text(info.read_text().replace('"float32"', '"float16"'))
+            record["fp16_served_export_s"] = round(time.perf_counter() - start, 1)
+            name = f"ONNX static cache + GQA{' + CUDA graph' if device == 'cuda' else ''}, optimize: fp16 (fp32 export converted)"
+            session = StaticDecoderSession(tmp / "served" / "model.onnx", providers=providers(device),
+                                           cuda_graph=device == "cuda", max_batch=32)
+            static_sessions[name] = session
+            variants[name] = (lambda sess: lambda prompts, n: generate_all_static(
+                sess, prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)))(session)
+        except Exception as exc:  # noqa: BLE001
+            record["fp16_served_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
             traceback.print_exc()
     quantized = [(bits, block, fast) for bits in (8, 4) for block, fast, tag in ((32, False, ""), (FPA_BLOCK, True, "_fpaintb"))
                  if f"int{bits}{tag}" in wanted]
@@ -608,10 +633,13 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=40)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--decoders", nargs="+", default=["dynamic", "static", "static_t", "int8", "int4"],
-                        choices=("dynamic", "static", "static_t", "int8", "int4", "int8_fpaintb", "int4_fpaintb"),
+    parser.add_argument("--decoders", nargs="+", default=["dynamic", "static", "static_t", "fp16_served", "int8", "int4"],
+                        choices=("dynamic", "static", "static_t", "fp16_served", "int8", "int4", "int8_fpaintb",
+                                 "int4_fpaintb"),
                         help="GPT-Neo graphs to export and time (int8/int4 quantize the static one; _fpaintb: "
                              f"block {FPA_BLOCK}, run by ORT's fpA_intB kernels)")
+    parser.add_argument("--gemm", nargs="+", default=["cublas"], choices=tuple(GEMM_MODES),
+                        help="ORT CUDA MatMul kernel choice for the static decoders (tune: ORT's GEMM auto-tune)")
     args = parser.parse_args()
     import transformers
 

@@ -41,9 +41,10 @@ class SpeedOption(str, enum.Enum):
 
     none: the exported fp32 graph; fused: ORT transformer optimizer (Attention, SkipLayerNorm...);
     fp16: fused, then float16 weights and compute (GPU serving); int8: fused, then dynamic int8 (CPU serving).
-    Decoders (generation) take none, fused, int8 or int4: fused adds the static-cache GroupQueryAttention
+    Decoders (generation) take none, fused, fp16, int8 or int4: fused adds the static-cache GroupQueryAttention
     graph (export_jobs.static_decoder), gated on its own, which the server then decodes with (CUDA graphs on
-    GPUs); int8 / int4 quantize that graph's weights (export_jobs.weight_only), gated on top-1 agreement.
+    GPUs); fp16 exports that graph from a float16 copy of the model (GPU serving); int8 / int4 quantize its
+    weights (export_jobs.weight_only, CPU serving). fp16, int8 and int4 are gated on top-1 agreement with fp32.
     """
 
     none = "none"
@@ -90,7 +91,7 @@ class ModelConfig(BaseModel):
     truncate: bool = Field(False, description="Truncate over-long inputs instead of refusing them.")
     precision: Precision = Precision.fp32
     optimize: SpeedOption = Field(SpeedOption.none, description="Post-export speed option, gated on its own "
-                                  "(decoders: none, fused, int8 or int4).")
+                                  "(decoders: none, fused, fp16, int8 or int4).")
     opset: int = Field(18, ge=14, le=23)
     tolerance: float | None = Field(None, gt=0.0, description="None: the architecture's default.")
     serving: ServingOptions = ServingOptions()
@@ -110,7 +111,7 @@ class ModelConfig(BaseModel):
                 and self.serving.num_gpus > 0:
             # MatMulNBits runs on the CUDA EP for float16 activations only; our decoders export fp32
             raise ValueError(f"optimize: {self.optimize.value} decoders are served on CPUs (ONNX Runtime's CUDA "
-                             "MatMulNBits takes float16 only); with num_gpus > 0 use optimize: fused")
+                             "MatMulNBits takes float16 only); with num_gpus > 0 use optimize: fp16 or fused")
         return self
 
     def fingerprint(self) -> str:

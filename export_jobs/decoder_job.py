@@ -29,9 +29,9 @@ def export_decoder_model(cfg: ModelConfig, resolved: ResolvedSource, staging: Pa
 
     if cfg.precision is not Precision.fp32:
         raise ExportError(f"{cfg.id}: the CPU gate checks fp32 decoders; fp16 is a GPU bench option for now")
-    if cfg.optimize not in (SpeedOption.none, SpeedOption.fused, *WEIGHT_BITS):
-        raise ExportError(f"{cfg.id}: decoders take optimize: none, fused (the static-cache GQA graph), int8 or "
-                          f"int4 (its weights quantized), not {cfg.optimize.value}")
+    if cfg.optimize not in (SpeedOption.none, SpeedOption.fused, SpeedOption.fp16, *WEIGHT_BITS):
+        raise ExportError(f"{cfg.id}: decoders take optimize: none, fused (the static-cache GQA graph), fp16 (that "
+                          f"graph in float16), int8 or int4 (its weights quantized), not {cfg.optimize.value}")
     model, tokenizer = load_decoder(resolved)
     spec = spec_for(cfg.task, model.config.model_type)
     assert isinstance(spec, DecoderSpec)
@@ -60,9 +60,13 @@ def export_decoder_model(cfg: ModelConfig, resolved: ResolvedSource, staging: Pa
             quantized = _weight_only_variant(model, staging, WEIGHT_BITS[cfg.optimize], spec, pad)
             model_file, metadata["weight_only"] = quantized["model_file"], quantized
             del static["model_file"]
+        elif cfg.optimize is SpeedOption.fp16:  # then in float16, served only past its own gate
+            half = _fp16_variant(model, staging, spec, pad)
+            model_file, metadata["fp16"] = half["model_file"], half
+            del static["model_file"]
+        precision = cfg.optimize.value if cfg.optimize in (*WEIGHT_BITS, SpeedOption.fp16) else "fp32"
         return entry(figures["logits_max_abs_diff"], figures["logits_steps"] + 2,  # + greedy batch 1, padded batch 2
-                     figures, metadata, model_file=model_file,
-                     precision=cfg.optimize.value if cfg.optimize in WEIGHT_BITS else "fp32")
+                     figures, metadata, model_file=model_file, precision=precision)
     info = export_decoder(model, staging / "model.onnx", opset=cfg.opset)
     figures = validate_decoder(model, staging / "model.onnx", new_tokens=spec.greedy_tokens,
                                tolerance=tolerance, pad_token_id=pad)
@@ -81,6 +85,30 @@ def _static_variant(model, staging: Path, context: int, spec: DecoderSpec, toler
                                       tolerance=tolerance, pad_token_id=pad)
     return {"model_file": f"{STATIC_DIR}/model.onnx", "max_length": info.max_length,
             "fused_operators": info.fused_operators, "parity": figures}
+
+
+def _fp16_variant(model, staging: Path, spec: DecoderSpec, pad: int) -> dict:
+    """static/model.fp16.onnx: the gated fp32 static graph with weights, compute and KV cache in float16 (half
+    the bytes a decode step reads on a GPU; logits stay float32), gated on top-1 agreement with fp32
+    (decoder_validate.agreement_gate); raises AgreementError below it. The fp32 graph is then removed."""
+    import json
+
+    from .decoder_export import save_graph
+    from .decoder_validate import agreement_gate, default_prompts
+    from .optimize import file_bytes
+    from .static_decoder import INFO_FILE, to_float16
+
+    name, source = f"{STATIC_DIR}/model.fp16.onnx", staging / STATIC_DIR / "model.onnx"
+    proto = to_float16(source)
+    save_graph(proto, staging / name, external_data=proto.ByteSize() > 2**31 - 2**28)
+    info_path = staging / STATIC_DIR / INFO_FILE  # the served graph's cache dtype (the fp32 graph goes below)
+    info_path.write_text(json.dumps({**json.loads(info_path.read_text()), "dtype": "float16"}, indent=2))
+    gate = agreement_gate(model, staging / name, default_prompts(model), "fp16 static decoder",
+                          new_tokens=spec.greedy_tokens, pad_token_id=pad)
+    built = {"bytes": file_bytes(staging / name), "source_bytes": file_bytes(source)}
+    for path in (source, source.with_name(source.name + ".data")):
+        path.unlink(missing_ok=True)
+    return {"model_file": name, **built, "gate": gate, "removed": f"{STATIC_DIR}/model.onnx (fp32, gated above)"}
 
 
 def _weight_only_variant(model, staging: Path, bits: int, spec: DecoderSpec, pad: int) -> dict:

@@ -4,6 +4,9 @@
    cache (max abs difference over real, non-pad positions);
 2. greedy generation with the serving decode loop (serve_app.generation) equal token for token
    to `model.generate(do_sample=False)`, on batch 1 and on a left-padded batch 2.
+
+A decoder whose numbers are rounded on purpose (float16 compute, quantized weights) cannot match fp32 logits
+within fp32 noise; `agreement_gate` judges it on what a reader sees: top-1 agreement with transformers fp32.
 """
 from __future__ import annotations
 
@@ -18,6 +21,16 @@ from serve_app.generation import DecoderSession, SamplingParams, generate_all, l
 
 from .decoder_export import cache_argument, returned_cache
 from .validate import ExportError, ParityError
+
+
+MIN_TOP1 = 0.9  # the share of teacher-forced steps whose top-1 token must equal fp32's (fp16, int8, int4)
+
+
+class AgreementError(ExportError):
+    def __init__(self, what: str, agree: int, steps: int, minimum: float):
+        super().__init__(f"{what}: top-1 token equals transformers fp32 on {agree} of {steps} steps "
+                         f"({agree / steps:.1%}); the gate wants {minimum:.0%}")
+        self.agree, self.steps, self.minimum = agree, steps, minimum
 
 
 class TokenMismatchError(ExportError):
@@ -202,4 +215,33 @@ def validate_static_decoder(model, onnx_path: str | Path, prompts: Sequence[Sequ
         actual_tokens = generate_all_static(session, batch, params, pad_token_id)
         matched += compare_greedy(what, expected_tokens, actual_tokens, eos)
     figures["greedy_match_tokens"] = matched
+    return figures
+
+
+def agreement_gate(model, onnx_path: str | Path, prompts: Sequence[Sequence[int]], what: str,
+                   new_tokens: int = 16, pad_token_id: int = 0, min_top1: float | None = None,
+                   providers: Sequence | None = None) -> dict:
+    """The gate of a static decoder rounded on purpose (`what` names it in the error): teacher-forced along
+    transformers' greedy continuation of each prompt, its top-1 token must equal fp32's on at least `min_top1`
+    of the steps. Records the logits' max abs difference and how many greedy tokens it writes before it
+    diverges; raises AgreementError below the minimum."""
+    from serve_app.static_generation import StaticDecoderSession, generate_all_static
+
+    minimum = MIN_TOP1 if min_top1 is None else min_top1
+    session = StaticDecoderSession(onnx_path, providers=providers, max_batch=1, min_slots=16)
+    agree = steps = same_prefix = 0
+    worst = 0.0
+    for prompt in prompts:
+        tokens, reference = greedy_reference(model, prompt, new_tokens, pad_token_id)
+        got = static_logits_along(session, prompt, tokens, pad_token_id)
+        worst = max(worst, _max_abs(reference, got))
+        agree += int(np.sum(got.argmax(-1) == reference.argmax(-1)))
+        steps += len(tokens)
+        ours = generate_all_static(session, [list(prompt)], SamplingParams(max_tokens=len(tokens), temperature=0.0),
+                                   pad_token_id)[0]
+        same_prefix += common_prefix(tokens, ours)
+    figures = {"top1_agree": agree, "top1_steps": steps, "min_top1": minimum, "logits_max_abs_diff": worst,
+               "greedy_same_prefix_tokens": same_prefix}
+    if agree < minimum * steps:
+        raise AgreementError(what, agree, steps, minimum)
     return figures

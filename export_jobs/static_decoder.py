@@ -327,6 +327,17 @@ def _pack_qkv(model: onnx.ModelProto) -> int:
     return packed
 
 
+def to_float16(path: str | Path) -> onnx.ModelProto:
+    """The static graph at `path` with float16 weights, compute, KV cache inputs and outputs (ORT's float16
+    converter); only the logits stay float32. Converting the fused fp32 graph keeps its fusions, which an export
+    from a float16 model can lose (LLaMA's RMSNorm casts to float32 inside)."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = OnnxModel(onnx.load(str(path)))
+    model.convert_float_to_float16(keep_io_types=["logits"])
+    return model.model
+
+
 def export_static_decoder(model, out_path: str | Path, max_length: int, opset: int = 18,
                           external_data: bool | None = None, transpose_weights: bool = False) -> StaticDecoderInfo:
     """Export `model` (a transformers causal LM in eval mode, any dtype/device) to `out_path`.

@@ -19,20 +19,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
+from .decoder_validate import AgreementError, agreement_gate  # noqa: F401  (AgreementError: the gate's refusal)
 from .validate import ExportError
 
 BLOCK_SIZE = 32  # measured on SmolLM2 int4: block 32 agrees on 62/94 tokens, block 128 on 57/94
-MIN_TOP1 = 0.9  # the share of teacher-forced steps whose top-1 token must equal fp32's (int8 and int4)
-
-
-class AgreementError(ExportError):
-    def __init__(self, what: str, agree: int, steps: int, minimum: float):
-        super().__init__(f"{what}: top-1 token equals transformers fp32 on {agree} of {steps} steps "
-                         f"({agree / steps:.1%}); the gate wants {minimum:.0%}")
-        self.agree, self.steps, self.minimum = agree, steps, minimum
 
 
 def quantize_weight_only(src: str | Path, dst: str | Path, bits: int, block_size: int = BLOCK_SIZE) -> dict[str, Any]:
@@ -66,29 +58,8 @@ def quantize_weight_only(src: str | Path, dst: str | Path, bits: int, block_size
 def check_weight_only(model, onnx_path: str | Path, prompts: Sequence[Sequence[int]], bits: int,
                       new_tokens: int = 16, pad_token_id: int = 0, min_top1: float | None = None,
                       providers: Sequence | None = None) -> dict[str, Any]:
-    """The gate of a weight-only decoder: teacher-forced along transformers' greedy continuation of each
-    prompt, the quantized graph's top-1 token must equal fp32's on at least `min_top1` of the steps.
-    Records the logits' max abs difference and how many greedy tokens it writes before it diverges."""
-    from serve_app.generation import SamplingParams
-    from serve_app.static_generation import StaticDecoderSession, generate_all_static
-
-    from .decoder_validate import common_prefix, greedy_reference, static_logits_along
-
-    minimum = MIN_TOP1 if min_top1 is None else min_top1
-    session = StaticDecoderSession(onnx_path, providers=providers, max_batch=1, min_slots=16)
-    agree = steps = same_prefix = 0
-    worst = 0.0
-    for prompt in prompts:
-        tokens, reference = greedy_reference(model, prompt, new_tokens, pad_token_id)
-        got = static_logits_along(session, prompt, tokens, pad_token_id)
-        worst = max(worst, float(np.max(np.abs(got - reference))))
-        agree += int(np.sum(got.argmax(-1) == reference.argmax(-1)))
-        steps += len(tokens)
-        ours = generate_all_static(session, [list(prompt)], SamplingParams(max_tokens=len(tokens), temperature=0.0),
-                                   pad_token_id)[0]
-        same_prefix += common_prefix(tokens, ours)
-    figures = {"bits": bits, "top1_agree": agree, "top1_steps": steps, "min_top1": minimum,
-               "logits_max_abs_diff": worst, "greedy_same_prefix_tokens": same_prefix}
-    if agree < minimum * steps:
-        raise AgreementError(f"int{bits} weight-only decoder", agree, steps, minimum)
-    return figures
+    """The gate of a weight-only decoder (decoder_validate.agreement_gate): top-1 agreement with fp32 along
+    transformers' greedy continuation of each prompt, on at least `min_top1` of the steps."""
+    figures = agreement_gate(model, onnx_path, prompts, f"int{bits} weight-only decoder", new_tokens=new_tokens,
+                             pad_token_id=pad_token_id, min_top1=min_top1, providers=providers)
+    return {"bits": bits, **figures}

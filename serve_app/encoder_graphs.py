@@ -6,10 +6,6 @@ kernels and 0.49 ms replayed from a CUDA graph (BENCHMARKS.md). A graph replays 
 batch is padded to the smallest bucket that holds it: rows to a power of two, width to the next of WIDTHS.
 Padding rows get one real token, so no row attends to nothing. Graphs pin their buffers, so at most
 `max_graphs` buckets are captured; a batch beyond that (or wider than the widest bucket) runs uncaptured.
-
-A large batch whose rows differ in length runs as a few sub-batches of similar lengths (`length_chunks`),
-each padded to its own bucket: 64 rows of 64 to 128 tokens pad to 8192 tokens as one batch and to about
-6,700 as four sorted chunks of 16, and the GPU's time follows the padded tokens.
 """
 from __future__ import annotations
 
@@ -24,15 +20,10 @@ import onnxruntime as ort
 logger = logging.getLogger("serve_app")
 
 ROWS = (1, 2, 4, 8, 16, 32, 64)
-WIDTHS = (16, 32, 48, 64, 80, 96, 112, 128, 192, 256, 384, 512)
+WIDTHS = (16, 32, 64, 96, 128, 192, 256, 384, 512)
 NAMES = ("input_ids", "attention_mask", "token_type_ids")
 # a captured bucket up to rows x width this size replays in about 0.3-0.5 ms (MiniLM, H100/H200); 0: never quick
 QUICK_TOKENS = int(os.environ.get("ONNX_SERVE_QUICK_TOKENS", "512"))
-# what one more sub-batch costs, in padded tokens: a batch splits by length only when it saves more than this
-# per extra chunk; 0 would split on any saving, a huge value never splits
-SPLIT_COST_TOKENS = int(os.environ.get("ONNX_SERVE_SPLIT_COST_TOKENS", "256"))
-CHUNKS = (2, 4, 8)
-MIN_CHUNK_ROWS = 8
 
 
 def bucket_shape(rows: int, width: int) -> tuple[int, int] | None:
@@ -41,34 +32,6 @@ def bucket_shape(rows: int, width: int) -> tuple[int, int] | None:
     if r == len(ROWS) or w == len(WIDTHS):
         return None
     return ROWS[r], WIDTHS[w]
-
-
-def padded_tokens(rows: int, width: int) -> int | None:
-    shape = bucket_shape(rows, width)
-    return None if shape is None else shape[0] * shape[1]
-
-
-def length_chunks(lengths: np.ndarray, split_cost: int = SPLIT_COST_TOKENS) -> list[np.ndarray] | None:
-    """Row indices of the sub-batches a batch of these real lengths should run as (rows sorted by length, cut
-    into 2, 4 or 8 equal chunks of at least MIN_CHUNK_ROWS), or None when one batch pads the fewest tokens
-    once each extra chunk is charged `split_cost` tokens."""
-    n = len(lengths)
-    whole = padded_tokens(n, int(lengths.max()))
-    if whole is None or n < 2 * MIN_CHUNK_ROWS:
-        return None
-    order = np.argsort(lengths, kind="stable")
-    ordered = lengths[order]
-    best, best_cost = None, whole
-    for k in CHUNKS:
-        size = -(-n // k)
-        if size < MIN_CHUNK_ROWS:
-            break
-        cuts = range(0, n, size)
-        tokens = [padded_tokens(len(ordered[i:i + size]), int(ordered[i:i + size].max())) for i in cuts]
-        cost = sum(tokens) + (len(tokens) - 1) * split_cost
-        if cost < best_cost:
-            best, best_cost = [order[i:i + size] for i in cuts], cost
-    return best
 
 
 class _Bucket:
@@ -97,7 +60,6 @@ class BucketedEncoder:
 
     def __init__(self, session: ort.InferenceSession, dim: int, cuda_graph: bool, max_graphs: int = 32):
         self.session, self.dim, self.cuda_graph, self.max_graphs = session, dim, cuda_graph, max_graphs
-        self.split_cost = SPLIT_COST_TOKENS
         self.input_names = [i.name for i in session.get_inputs()]
         if not set(self.input_names) <= set(NAMES):
             raise ValueError(f"unexpected encoder inputs {self.input_names}")
@@ -151,17 +113,6 @@ class BucketedEncoder:
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """feeds: input_ids / attention_mask / token_type_ids [n, width] int64 (right padded)."""
-        lengths = feeds["attention_mask"].sum(axis=1)
-        chunks = length_chunks(lengths, self.split_cost) if self.pooled else None
-        if chunks is None:
-            return self._run(feeds)
-        out = np.empty((len(lengths), self.dim), self.output_dtype)
-        for rows in chunks:
-            width = int(lengths[rows].max())
-            out[rows] = self._run({name: feeds[name][rows, :width] for name in self.input_names})
-        return out
-
-    def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         rows, width = feeds["attention_mask"].shape
         with self._lock:
             bucket = self._bucket(rows, width)

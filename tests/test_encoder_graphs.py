@@ -5,7 +5,7 @@ import pytest
 
 from export_jobs.config import ModelConfig, SpeedOption
 from export_jobs.job import export_one
-from serve_app.encoder_graphs import BucketedEncoder, bucket_shape, length_chunks, padded_tokens
+from serve_app.encoder_graphs import BucketedEncoder, bucket_shape
 from serve_app.runtime import EncoderSession
 
 TEXTS = ["a b c d e f", "a", "a b c", "a b c d e f g h i j", "a b"]
@@ -36,35 +36,6 @@ def test_buckets_match_exact_shapes_and_over_limit_batches_run_plain(tiny):
     many = plain.prepare([f"sentence {i}" for i in range(70)])  # 70 rows: beyond the largest bucket
     np.testing.assert_allclose(bucketed.run(many), plain.run(many), atol=1e-5)
     assert not bucketed.quick(items[:1]) and not plain.quick(items[:1])  # no CUDA graphs: always a worker thread
-
-
-def test_length_chunks_cover_every_row_once_and_pad_fewer_tokens():
-    lengths = np.random.default_rng(0).integers(64, 129, 64)  # the 64 x 128 case of bench/gpu_suite.py
-    chunks = length_chunks(lengths)
-    assert chunks is not None and len(chunks) > 1
-    assert sorted(np.concatenate(chunks).tolist()) == list(range(64))
-    assert all(lengths[a].max() <= lengths[b].min() for a, b in zip(chunks, chunks[1:]))  # sorted by length
-    split = sum(padded_tokens(len(c), int(lengths[c].max())) for c in chunks)
-    assert split < padded_tokens(64, 128) == 8192
-    assert length_chunks(lengths, split_cost=10**6) is None  # a split that costs more than it saves: one batch
-    assert length_chunks(np.full(64, 100)) is None  # equal lengths: nothing to save
-    assert length_chunks(lengths[:15]) is None  # under two chunks of MIN_CHUNK_ROWS
-    assert length_chunks(np.full(70, 10)) is None  # over the largest bucket: one plain run
-
-
-def test_split_batches_give_the_same_vectors_in_the_same_order(tiny):
-    entry, root = tiny
-    plain = EncoderSession(entry, root, threads=1)
-    bucketed = EncoderSession(entry, root, threads=1)
-    bucketed.graphs = BucketedEncoder(bucketed.session, bucketed.dim, cuda_graph=False)
-    bucketed.graphs.split_cost = 0
-    texts = [" ".join(["word"] * (1 + (i * 7) % 40)) for i in range(32)]  # 3 to 42 tokens, interleaved
-    items = plain.prepare(texts)
-    np.testing.assert_allclose(bucketed.run(items), plain.run(items), atol=1e-5)
-    if bucketed.graphs.pooled:  # pooled outputs split: several buckets narrower than the whole batch's 32 x 48
-        assert len(bucketed.graphs.buckets) > 1 and (32, 48) not in bucketed.graphs.buckets
-    else:  # per-token outputs are never split
-        assert set(bucketed.graphs.buckets) == {(32, 48)}
 
 
 @pytest.mark.gpu
