@@ -393,15 +393,11 @@ def section_gptneo(args) -> None:
         try:
             import copy
 
-            from export_jobs.static_decoder import to_float16
+            from export_jobs.static_decoder import save_float16
 
             start = time.perf_counter()
-            export_static_decoder(copy.deepcopy(model).float(), tmp / "served" / "fp32.onnx", max_length=args.max_length)
-            half = to_float16(tmp / "served" / "fp32.onnx")
-            onnx.save_model(half, str(tmp / "served" / "model.onnx"), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location="model.onnx.data")
-            info = tmp / "served" / "static_decoder.json"
-            info.write_text(info.read_text().replace('"float32"', '"float16"'))
+            export_static_decoder(copy.deepcopy(model).float(), tmp / "fp32" / "model.onnx", max_length=args.max_length)
+            save_float16(tmp / "fp32" / "model.onnx", tmp / "served" / "model.onnx")
             record["fp16_served_export_s"] = round(time.perf_counter() - start, 1)
             name = f"ONNX static cache + GQA{' + CUDA graph' if device == 'cuda' else ''}, optimize: fp16 (fp32 export converted)"
             session = StaticDecoderSession(tmp / "served" / "model.onnx", providers=providers(device),

@@ -91,18 +91,12 @@ def _fp16_variant(model, staging: Path, spec: DecoderSpec, pad: int) -> dict:
     """static/model.fp16.onnx: the gated fp32 static graph with weights, compute and KV cache in float16 (half
     the bytes a decode step reads on a GPU; logits stay float32), gated on top-1 agreement with fp32
     (decoder_validate.agreement_gate); raises AgreementError below it. The fp32 graph is then removed."""
-    import json
-
-    from .decoder_export import save_graph
     from .decoder_validate import agreement_gate, default_prompts
     from .optimize import file_bytes
-    from .static_decoder import INFO_FILE, to_float16
+    from .static_decoder import save_float16
 
     name, source = f"{STATIC_DIR}/model.fp16.onnx", staging / STATIC_DIR / "model.onnx"
-    proto = to_float16(source)
-    save_graph(proto, staging / name, external_data=proto.ByteSize() > 2**31 - 2**28)
-    info_path = staging / STATIC_DIR / INFO_FILE  # the served graph's cache dtype (the fp32 graph goes below)
-    info_path.write_text(json.dumps({**json.loads(info_path.read_text()), "dtype": "float16"}, indent=2))
+    save_float16(source, staging / name)  # its static_decoder.json now says float16: the fp32 graph goes below
     gate = agreement_gate(model, staging / name, default_prompts(model), "fp16 static decoder",
                           new_tokens=spec.greedy_tokens, pad_token_id=pad)
     built = {"bytes": file_bytes(staging / name), "source_bytes": file_bytes(source)}

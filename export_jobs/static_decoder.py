@@ -327,15 +327,22 @@ def _pack_qkv(model: onnx.ModelProto) -> int:
     return packed
 
 
-def to_float16(path: str | Path) -> onnx.ModelProto:
-    """The static graph at `path` with float16 weights, compute, KV cache inputs and outputs (ORT's float16
-    converter); only the logits stay float32. Converting the fused fp32 graph keeps its fusions, which an export
-    from a float16 model can lose (LLaMA's RMSNorm casts to float32 inside)."""
+def save_float16(src: str | Path, dst: str | Path) -> None:
+    """Write the static graph at `src` with float16 weights, compute, KV cache inputs and outputs to `dst` (ORT's
+    float16 converter; only the logits stay float32), and its info file, dtype float16, beside `dst` (in the
+    same folder as `src`, that file then describes `dst` only). Converting the fused fp32 graph keeps its
+    fusions, which an export from a float16 model can lose (LLaMA's RMSNorm casts to float32 inside)."""
+    import json
+
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    model = OnnxModel(onnx.load(str(path)))
+    src, dst = Path(src), Path(dst)
+    model = OnnxModel(onnx.load(str(src)))
     model.convert_float_to_float16(keep_io_types=["logits"])
-    return model.model
+    info = json.loads((src.parent / INFO_FILE).read_text())
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_graph(model.model, dst, bool(info["external_data"]))
+    (dst.parent / INFO_FILE).write_text(json.dumps({**info, "dtype": "float16"}, indent=2))
 
 
 def export_static_decoder(model, out_path: str | Path, max_length: int, opset: int = 18,

@@ -46,7 +46,7 @@ class TextGenerator:
         directory = entry.dir_path(root)
         meta = entry.metadata
         self.model_id, self.context = entry.id, int(entry.max_length or 2048)
-        if meta.get("static_decoder"):  # fused / int8 / int4: the served file (model_file) passed its own gate
+        if meta.get("static_decoder"):  # fused / fp16 / int8 / int4: the served file (model_file) passed its own gate
             self.session = StaticDecoderSession(entry.model_path(root), providers=providers(use_gpu),
                                                 session_options=session_options(threads),
                                                 max_batch=STATIC_MAX_BATCH)

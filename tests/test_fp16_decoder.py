@@ -56,7 +56,7 @@ def test_the_agreement_gate_refuses_a_graph_of_another_model(tmp_path):
 
     import torch
 
-    from export_jobs.static_decoder import export_static_decoder, to_float16
+    from export_jobs.static_decoder import export_static_decoder, save_float16
     from tests.test_decoder import _tiny_models
 
     model = _tiny_models()["gpt_neo"]
@@ -65,10 +65,8 @@ def test_the_agreement_gate_refuses_a_graph_of_another_model(tmp_path):
     torch.manual_seed(1)
     for p in other.parameters():
         p.data.normal_(0, 0.2)
-    export_static_decoder(other, tmp_path / "fp32.onnx", max_length=96)
-    onnx.save_model(to_float16(tmp_path / "fp32.onnx"), str(tmp_path / "model.onnx"))
-    info = tmp_path / "static_decoder.json"
-    info.write_text(info.read_text().replace('"float32"', '"float16"'))
+    export_static_decoder(other, tmp_path / "fp32" / "model.onnx", max_length=96)
+    save_float16(tmp_path / "fp32" / "model.onnx", tmp_path / "model.onnx")
     with pytest.raises(AgreementError, match=r"fp16: top-1 token equals transformers fp32 on \d+ of 32 steps"):
         agreement_gate(model, tmp_path / "model.onnx", default_prompts(model), "fp16", new_tokens=16)
     figures = agreement_gate(other, tmp_path / "model.onnx", default_prompts(other), "fp16", new_tokens=16)
@@ -77,8 +75,11 @@ def test_the_agreement_gate_refuses_a_graph_of_another_model(tmp_path):
 
 @pytest.mark.gpu
 def test_fp16_export_served_on_cuda_graphs_writes_the_cpu_tokens(tmp_path):
-    """The same fp16 artifact on the CUDA EP, decode steps replayed from CUDA graphs: the tokens of the CPU run."""
+    """The same fp16 artifact served on the CUDA EP (TextGenerator, decode steps replayed from CUDA graphs):
+    the tokens of the CPU run."""
     import onnxruntime as ort
+
+    from serve_app.textgen import TextGenerator
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("needs onnxruntime-gpu and a CUDA device")
@@ -86,8 +87,7 @@ def test_fp16_export_served_on_cuda_graphs_writes_the_cpu_tokens(tmp_path):
     prompts = [tokenizer(t)["input_ids"] for t in ("The capital of France is", "Once upon a time, in a land far")]
     params = SamplingParams(max_tokens=24, temperature=0)
     cpu = StaticDecoderSession(entry.model_path(root), max_batch=2)
-    gpu = StaticDecoderSession(entry.model_path(root), providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
-                               max_batch=2)
+    gpu = TextGenerator(entry, root, use_gpu=True).session
     assert gpu.cuda_graph and gpu.on_cuda
     expected = generate_all_static(cpu, prompts, params)
     for _ in range(2):  # the second call replays the graphs the first captured

@@ -176,6 +176,17 @@ def test_smollm2_static_graph_passes_the_gate(tmp_path):
     with pytest.raises(AgreementError):
         check_weight_only(model, tmp_path / "model.int4.onnx", [prompt, tok("def fibonacci(n):")["input_ids"]], 4,
                           new_tokens=16)
+    # optimize: fp16 (the GPU option): the same graph in float16 agrees on every step and still says Paris
+    from export_jobs.decoder_validate import agreement_gate
+    from export_jobs.static_decoder import save_float16
+
+    half = tmp_path / "fp16" / "model.onnx"
+    save_float16(tmp_path / "model.onnx", half)
+    gate = agreement_gate(model, half, [prompt], "fp16", new_tokens=16)
+    assert gate["top1_agree"] == gate["top1_steps"] and gate["logits_max_abs_diff"] < 0.5
+    session = StaticDecoderSession(half, session_options=one_thread())
+    tokens = generate_all_static(session, [prompt], SamplingParams(max_tokens=4, temperature=0))[0]
+    assert tok.decode(tokens).strip().startswith("Paris")
 
 
 @pytest.mark.gpu
