@@ -149,15 +149,15 @@ class ContinuousBatcher:
                 i = request.rows.index(row)
                 fed, prompt = request.fed[i], request.prompts[i]
                 tokens[row] = prompt[fed] if fed < len(prompt) else request.last[i]
-        inputs = self.bucket.sets[self.bucket.current]
-        inputs["input_ids"].update_inplace(tokens.reshape(self.rows, 1))
+        session, inputs = self.session, self.bucket.sets[self.bucket.current]
+        session.write(inputs["input_ids"], tokens.reshape(self.rows, 1))
         if "position_ids" in inputs:
-            inputs["position_ids"].update_inplace(self.position.reshape(self.rows, 1))
-        inputs["seqlens_k"].update_inplace(self.position.astype(np.int32))  # tokens after this step, minus 1
-        self.session.decode(self.bucket, None, int(self.position.max()) + 1)
+            session.write(inputs["position_ids"], self.position.reshape(self.rows, 1))
+        session.write(inputs["seqlens_k"], self.position.astype(np.int32))  # tokens after this step, minus 1
+        session.decode(self.bucket, None, int(self.position.max()) + 1)
         self.steps_run += 1
         self.position += np.array([owner is not None for owner in self.owner])
-        greedy = self.bucket.next_token.numpy()
+        greedy = session.read(self.bucket.next_token)
         logits = None
         for request in {r for r in self.owner if r is not None}:
             producing = []  # prompt indices whose row gives a new token this step
@@ -177,7 +177,7 @@ class ContinuousBatcher:
                 picked = greedy[[request.rows[i] for i in producing]]
             else:
                 if logits is None:
-                    logits = self.bucket.logits.numpy()
+                    logits = session.read(self.bucket.logits)
                 last = logits[[request.rows[i] for i in producing]].copy()
                 for n, i in enumerate(producing):
                     if request.generated[i] < params.min_tokens and request.stop_ids.size:

