@@ -114,11 +114,13 @@ class ModelConfig(BaseModel):
                                                  or self.optimize is SpeedOption.none):
             raise ValueError("serving.continuous_batching is for generation models on the static-cache graph "
                              "(optimize: fused, fp16, int8 or int4)")
-        if self.task is Task.generation and self.optimize in (SpeedOption.int8, SpeedOption.int4) \
-                and self.serving.num_gpus > 0:
-            # MatMulNBits runs on the CUDA EP for float16 activations only; our decoders export fp32
+        if self.task is Task.generation and self.serving.num_gpus > 0 \
+                and self.optimize in (SpeedOption.fused, SpeedOption.int8, SpeedOption.int4):
+            # ONNX Runtime's CUDA GroupQueryAttention and MatMulNBits take float16 only: these fp32 graphs would
+            # fall back to the CPU node by node, and refuse CUDA graph capture
             raise ValueError(f"optimize: {self.optimize.value} decoders are served on CPUs (ONNX Runtime's CUDA "
-                             "MatMulNBits takes float16 only); with num_gpus > 0 use optimize: fp16 or fused")
+                             "GroupQueryAttention and MatMulNBits take float16 only); with num_gpus > 0 use "
+                             "optimize: fp16")
         return self
 
     def fingerprint(self) -> str:
