@@ -97,6 +97,8 @@ def main(argv=None) -> dict:
                     help="torch and ONNX Runtime intra-op threads (default: each library's own)")
     ap.add_argument("--weight-bits", type=int, nargs="*", default=[], choices=(8, 4),
                     help="also time the static graph's int8 / int4 weight-only copies")
+    ap.add_argument("--users", type=int, default=0,
+                    help="also N concurrent requests on the static graph: own buckets vs continuous batching")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -160,6 +162,12 @@ def main(argv=None) -> dict:
             for bits, q_session in quantized.items():
                 total, _, q_tokens[bits] = time_onnx(q_session, prompt, args.new_tokens, generate_static)
                 q_total[bits].append(total)
+        concurrent = None
+        if args.users:
+            from concurrent_generation import concurrent_generation
+
+            concurrent = concurrent_generation(static_path, providers, model.config.vocab_size, args.users,
+                                               len(prompt), args.new_tokens, slots=len(prompt) + args.new_tokens + 1)
 
     n = args.new_tokens
     matched = common_prefix(hf_tokens, ort_tokens)
@@ -183,6 +191,8 @@ def main(argv=None) -> dict:
         "static_runs_s": [round(s, 3) for s in st_total],
         "static_greedy_tokens_equal_prefix": static_matched,
     }
+    if concurrent:
+        figures["concurrent"] = concurrent
     for bits, runs in q_total.items():
         figures[f"static_int{bits}_ms_per_token"] = round(1000 * statistics.median(runs) / n, 2)
         figures[f"static_int{bits}_greedy_tokens_equal_prefix"] = common_prefix(hf_tokens, q_tokens[bits])

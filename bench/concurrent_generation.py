@@ -1,0 +1,54 @@
+"""Concurrent greedy requests on one static-cache graph: each in its own bucket vs continuous batching."""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import table
+
+
+def concurrent_generation(path: Path, providers: list, vocab: int, users: int, prompt_len: int, new: int,
+                          slots: int = 256) -> dict:
+    """`users` greedy requests at once on one static graph: each in its own bucket (concurrent generations take
+    turns per step) vs continuous batching (serve_app.continuous: one bucket, one step for all); tokens/s over
+    all users and each request's latency, then one request alone on each path."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve_app.continuous import ContinuousBatcher
+    from serve_app.generation import SamplingParams, collect
+    from serve_app.static_generation import StaticDecoderSession, generate_all_static
+
+    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    prompts = np.random.default_rng(1).integers(10, vocab, (users, prompt_len)).tolist()
+    alone = StaticDecoderSession(path, providers=providers, max_batch=1)  # CUDA graphs where on the CUDA EP
+    batcher = ContinuousBatcher(StaticDecoderSession(path, providers=providers, max_batch=users), slots=slots)
+    runners = {"own bucket per request": lambda p: generate_all_static(alone, [p], params)[0],
+               "continuous batching": lambda p: collect(batcher.generate([p], params), 1)[0]}
+    out, tokens = {}, {}
+    for name, run in runners.items():
+        def timed(p, run=run):
+            t0 = time.perf_counter()
+            result = run(p)
+            return time.perf_counter() - t0, result
+        with ThreadPoolExecutor(users) as pool:
+            list(pool.map(timed, prompts))  # warm-up: buckets and their CUDA graphs
+            start = time.perf_counter()
+            results = list(pool.map(timed, prompts))
+            wall = time.perf_counter() - start
+        latencies = sorted(r[0] for r in results)
+        tokens[name] = [r[1] for r in results]
+        one = statistics.median(timed(prompts[0])[0] for _ in range(3))
+        out[name] = {"tokens_per_s": users * new / wall, "wall_s": wall, "p50_request_s": latencies[len(latencies) // 2],
+                     "max_request_s": latencies[-1], "alone_request_s": one}
+    batcher.close()
+    same = sum(a == b for a, b in zip(*tokens.values()))
+    rows = [(name, f"{v['tokens_per_s']:.0f}", f"{v['p50_request_s'] * 1000:.0f}", f"{v['max_request_s'] * 1000:.0f}",
+             f"{v['alone_request_s'] * 1000:.0f}") for name, v in out.items()]
+    print(f"\n  {users} concurrent greedy requests ({prompt_len}-token prompts, {new} new tokens each); the same "
+          f"tokens on both paths for {same} of {users} requests")
+    print(table(rows, ("path", "tokens/s (all users)", "p50 request ms", "slowest request ms",
+                       "one request alone ms")), flush=True)
+    return {**out, "same_tokens": same, "users": users}
