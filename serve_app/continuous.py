@@ -52,8 +52,8 @@ class ContinuousBatcher:
     def __init__(self, session: StaticDecoderSession, rows: int | None = None, slots: int | None = None):
         self.session = session
         self.rows = rows or session.max_batch
-        self.slots = min(slots or session.max_length, session.max_length)
-        self.bucket = session.acquire(self.rows, self.slots)  # held for the batcher's life (captured on CUDA)
+        self.bucket = session.acquire(self.rows, slots or session.max_length)  # held for the batcher's life
+        self.rows, self.slots = self.bucket.batch, self.bucket.slots  # as the session rounded them
         self.owner: list[_Request | None] = [None] * self.rows
         self.position = np.zeros(self.rows, np.int64)  # tokens each row holds in the cache
         self.steps_run = 0
