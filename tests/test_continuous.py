@@ -32,7 +32,8 @@ def _prompts(model) -> list[list[int]]:
 
 
 def _batcher(path, rows: int = 4, slots: int = 64) -> ContinuousBatcher:
-    return ContinuousBatcher(StaticDecoderSession(path, session_options=one_thread(), max_batch=rows), slots=slots)
+    session = StaticDecoderSession(path, session_options=one_thread(), max_batch=rows, min_slots=16)
+    return ContinuousBatcher(session, slots=slots)  # slots: a power of two
 
 
 def _run_concurrently(batcher, requests) -> list[list[list[int]]]:
@@ -97,17 +98,18 @@ def test_a_cancelled_request_frees_its_rows(tiny):
 
 def test_seeded_sampling_repeats_and_rows_stop_at_the_cache_end(tiny):
     model, path = tiny
-    prompt = default_prompts(model)[0]
+    prompt = (default_prompts(model)[0] * 4)[:12]
     params = SamplingParams(max_tokens=10, temperature=0.8, top_k=20, seed=7, ignore_eos=True)
-    batcher = _batcher(path, slots=len(prompt) + 5)
+    batcher = _batcher(path, slots=16)
     try:
+        assert batcher.slots == 16
         one, two = (collect(batcher.generate([prompt], params), 1)[0] for _ in range(2))
-        # 5 slots left after the prompt: 5 tokens fed back, a 6th that needs no slot, then "length" (not at 10)
-        assert one == two and len(one) == 6
+        # 4 slots left after the prompt: 4 tokens fed back, a 5th that needs no slot, then "length" (not at 10)
+        assert one == two and len(one) == 5
         steps = list(batcher.generate([prompt], params))
         assert steps[-1].finish_reasons == ("length",)
         with pytest.raises(ValueError, match="no room"):
-            next(batcher.generate([list(range(1, len(prompt) + 6))], params))
+            next(batcher.generate([list(range(1, 17))], params))
     finally:
         batcher.close()
 
