@@ -92,18 +92,20 @@ class TfExportReport:
     seconds: float
 
 
-def _run(args: Sequence[str], what: str) -> str:
+def _run(args: Sequence[str], what: str, stdout_only: bool = False) -> str:
+    """The child's output, stdout then stderr (or stdout alone: TensorFlow 2.21 writes an absl line to stderr
+    at import that TF_CPP_MIN_LOG_LEVEL does not silence); raises ToolError, with both, when it fails."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=_TIMEOUT_S)
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise ToolError(what, proc.returncode, output)
-    return output
+    return proc.stdout if stdout_only else output
 
 
-def _worker(*args: str) -> str:
-    return _run(["-m", _WORKER, *args], f"{_WORKER} {args[0]}")
+def _worker(*args: str, stdout_only: bool = False) -> str:
+    return _run(["-m", _WORKER, *args], f"{_WORKER} {args[0]}", stdout_only)
 
 
 def build_saved_model(name: str, out_dir: str | os.PathLike) -> Path:
@@ -114,7 +116,7 @@ def build_saved_model(name: str, out_dir: str | os.PathLike) -> Path:
 
 def list_tf_ops(saved_model_dir: str | os.PathLike) -> list[str]:
     """Op types of the serving_default signature, nested functions included."""
-    output = _worker("tf-ops", str(saved_model_dir))
+    output = _worker("tf-ops", str(saved_model_dir), stdout_only=True)
     return json.loads(output.strip().splitlines()[-1])
 
 
