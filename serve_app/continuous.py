@@ -29,6 +29,7 @@ from .static_generation import StaticDecoderSession
 logger = logging.getLogger("serve_app")
 # cache slots per row of a served batcher (its context): 32 rows of GPT-Neo 1.3B in float16 take 6.4 GB
 CONTINUOUS_SLOTS = 1024
+MAX_AHEAD = 8  # steps a request may have waiting for its reader before its rows pause
 
 
 class _Request:
@@ -39,6 +40,7 @@ class _Request:
         self.rows: list[int] = []  # bucket row of each prompt, once admitted
         self.fed = [0] * len(prompts)  # prompt tokens in the cache
         self.last = [0] * len(prompts)  # the token the row feeds next, once its prompt is in
+        self.previous = [0] * len(prompts)  # the token in each row's last cache slot
         self.generated = [0] * len(prompts)
         self.reasons: list[str | None] = [None] * len(prompts)
         self.out: queue.Queue = queue.Queue()  # StepOutput, an exception, or None at the end
@@ -144,22 +146,40 @@ class ContinuousBatcher:
 
     def _step(self) -> None:
         tokens = np.zeros(self.rows, np.int64)  # free rows decode a junk token at slot 0, unread
-        for row, request in enumerate(self.owner):
-            if request is not None:
-                i = request.rows.index(row)
+        at = np.zeros(self.rows, np.int64)  # the position each row writes this step
+        advancing: set[_Request] = set()
+        for request in {r for r in self.owner if r is not None}:
+            rows = [(i, row) for i, row in enumerate(request.rows) if self.owner[row] is request]
+            if request.out.qsize() >= MAX_AHEAD and all(self.position[row] > 0 for _, row in rows):
+                # its reader is behind: each row rewrites its last cache slot with the token already there
+                # (the same keys and values), so it waits without growing the reader's queue
+                for i, row in rows:
+                    tokens[row], at[row] = request.previous[i], self.position[row] - 1
+                continue
+            for i, row in rows:
                 fed, prompt = request.fed[i], request.prompts[i]
                 tokens[row] = prompt[fed] if fed < len(prompt) else request.last[i]
+                at[row] = self.position[row]
+            advancing.add(request)
+        if not advancing:  # every reader is behind: wait for one instead of spinning
+            with self._cv:
+                self._cv.wait(0.005)
+            return
         session, inputs = self.session, self.bucket.sets[self.bucket.current]
         session.write(inputs["input_ids"], tokens.reshape(self.rows, 1))
         if "position_ids" in inputs:
-            session.write(inputs["position_ids"], self.position.reshape(self.rows, 1))
-        session.write(inputs["seqlens_k"], self.position.astype(np.int32))  # tokens after this step, minus 1
-        session.decode(self.bucket, None, int(self.position.max()) + 1)
+            session.write(inputs["position_ids"], at.reshape(self.rows, 1))
+        session.write(inputs["seqlens_k"], at.astype(np.int32))  # tokens after this step, minus 1
+        session.decode(self.bucket, None, int(at.max()) + 1)
         self.steps_run += 1
-        self.position += np.array([owner is not None for owner in self.owner])
+        for request in advancing:
+            for i, row in enumerate(request.rows):
+                if self.owner[row] is request:
+                    self.position[row] += 1
+                    request.previous[i] = int(tokens[row])
         greedy = session.read(self.bucket.next_token)
         logits = None
-        for request in {r for r in self.owner if r is not None}:
+        for request in advancing:
             producing = []  # prompt indices whose row gives a new token this step
             for i, row in enumerate(request.rows):
                 if request.reasons[i] is not None:

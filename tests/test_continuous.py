@@ -81,6 +81,28 @@ def test_more_requests_than_rows_wait_for_free_rows_and_a_request_may_join_mid_f
         batcher.close()
 
 
+def test_a_slow_reader_pauses_its_rows_and_then_gets_the_same_tokens(tiny):
+    """The batcher runs at most MAX_AHEAD steps ahead of a request's reader; a paused row rewrites its last
+    cache slot, so the tokens after the pause are the ones it writes unpaused."""
+    import time
+
+    from serve_app.continuous import MAX_AHEAD
+
+    model, path = tiny
+    prompt = default_prompts(model)[0]
+    batcher = _batcher(path, rows=2)
+    try:
+        steps = batcher.generate([prompt], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+        first = next(steps).token_ids[0]
+        time.sleep(0.5)  # the reader is away: the row pauses instead of running to 40 tokens
+        assert batcher.steps_run <= len(prompt) + MAX_AHEAD + 1
+        other = collect(batcher.generate([default_prompts(model)[1]], GREEDY), 1)[0]  # runs beside the paused row
+        assert other == transformers_greedy(model, [default_prompts(model)[1]], 12, 0)[0]
+        assert [first] + collect(steps, 1)[0] == transformers_greedy(model, [prompt], 40, 0)[0]
+    finally:
+        batcher.close()
+
+
 def test_a_cancelled_request_frees_its_rows(tiny):
     model, path = tiny
     batcher = _batcher(path, rows=2)
