@@ -11,7 +11,9 @@ takes one token per row per call, and a row cannot be prefilled while its neighb
 tokens therefore costs n steps before its first new token (on the H200 about 2 ms a step at 32 rows).
 
 Each request keeps its own sampling state (seeded rng, min_tokens, stop tokens); greedy rows take the token
-the graph picked on the device, so only sampling rows read logits back.
+the graph picked on the device, so only sampling rows read logits back. Steps are pushed to each request's
+queue; a request whose reader is MAX_AHEAD steps behind pauses (its rows rewrite their last cache slot with
+the token already there), so a slow reader buffers little and a vanished one stops soon after it is noticed.
 """
 from __future__ import annotations
 
