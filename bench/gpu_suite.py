@@ -49,6 +49,15 @@ GEMM_MODES = {
 }
 
 
+def greedy_runner(session):
+    """fn(prompts, n) -> each prompt's n greedy tokens through a static-cache session (EOS ignored)."""
+    from serve_app.generation import SamplingParams
+    from serve_app.static_generation import generate_all_static
+
+    return lambda prompts, n: generate_all_static(session, prompts,
+                                                  SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+
+
 def gemm_session(mode: str, build):
     """build(session_options) with the GEMM mode's session config and environment (read as kernels are made)."""
     _, config, env = GEMM_MODES[mode]
@@ -305,7 +314,7 @@ def section_gptneo(args) -> None:
     from export_jobs.decoder_validate import static_logits_along
     from export_jobs.static_decoder import export_static_decoder
     from serve_app.generation import DecoderSession, SamplingParams, generate_all
-    from serve_app.static_generation import StaticDecoderSession, generate_all_static
+    from serve_app.static_generation import StaticDecoderSession
 
     device = args.device
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -384,8 +393,7 @@ def section_gptneo(args) -> None:
                         tmp / folder / "model.onnx", providers=providers(device), session_options=options,
                         cuda_graph=graph, max_batch=32))
                     static_sessions[name] = session
-                    variants[name] = (lambda sess: lambda prompts, n: generate_all_static(
-                        sess, prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)))(session)
+                    variants[name] = greedy_runner(session)
         except Exception as exc:  # noqa: BLE001
             record[f"{folder}_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
             traceback.print_exc()
@@ -403,8 +411,7 @@ def section_gptneo(args) -> None:
             session = StaticDecoderSession(tmp / "served" / "model.onnx", providers=providers(device),
                                            cuda_graph=device == "cuda", max_batch=32)
             static_sessions[name] = session
-            variants[name] = (lambda sess: lambda prompts, n: generate_all_static(
-                sess, prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)))(session)
+            variants[name] = greedy_runner(session)
         except Exception as exc:  # noqa: BLE001
             record["fp16_served_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
             traceback.print_exc()
@@ -438,8 +445,7 @@ def section_gptneo(args) -> None:
             finally:
                 os.environ.pop("ORT_FPA_INTB_GEMM", None)
             static_sessions[name] = session
-            variants[name] = (lambda sess: lambda prompts, n: generate_all_static(
-                sess, prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)))(session)
+            variants[name] = greedy_runner(session)
         except Exception as exc:  # noqa: BLE001
             record[f"{key}_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
             traceback.print_exc()

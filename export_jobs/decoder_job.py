@@ -100,9 +100,7 @@ def _fp16_variant(model, staging: Path, spec: DecoderSpec, pad: int) -> dict:
     gate = agreement_gate(model, staging / name, default_prompts(model), "fp16 static decoder",
                           new_tokens=spec.greedy_tokens, pad_token_id=pad)
     built = {"bytes": file_bytes(staging / name), "source_bytes": file_bytes(source)}
-    for path in (source, source.with_name(source.name + ".data")):
-        path.unlink(missing_ok=True)
-    return {"model_file": name, **built, "gate": gate, "removed": f"{STATIC_DIR}/model.onnx (fp32, gated above)"}
+    return {"model_file": name, **built, "gate": gate, "removed": _drop_fp32_static(source)}
 
 
 def _weight_only_variant(model, staging: Path, bits: int, spec: DecoderSpec, pad: int) -> dict:
@@ -115,6 +113,12 @@ def _weight_only_variant(model, staging: Path, bits: int, spec: DecoderSpec, pad
     built = quantize_weight_only(source, staging / name, bits)
     gate = check_weight_only(model, staging / name, default_prompts(model), bits, new_tokens=spec.greedy_tokens,
                              pad_token_id=pad)
-    for path in (source, source.with_name(source.name + ".data")):  # served: only the quantized file
+    return {"model_file": name, **built, "gate": gate, "removed": _drop_fp32_static(source)}
+
+
+def _drop_fp32_static(source: Path) -> str:
+    """Delete the gated fp32 static graph (and its weights file) once its float16 or quantized copy passed its
+    own gate: only the served file stays. Returns what the manifest records as removed."""
+    for path in (source, source.with_name(source.name + ".data")):
         path.unlink(missing_ok=True)
-    return {"model_file": name, **built, "gate": gate, "removed": f"{STATIC_DIR}/model.onnx (fp32, gated above)"}
+    return f"{STATIC_DIR}/{source.name} (fp32, gated above)"

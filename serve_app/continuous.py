@@ -71,6 +71,10 @@ class ContinuousBatcher:
     def active_rows(self) -> int:
         return sum(r is not None for r in self.owner)
 
+    def _active(self) -> set[_Request]:
+        """The requests that hold rows."""
+        return {r for r in self.owner if r is not None}
+
     def generate(self, prompts_token_ids: Sequence[Sequence[int]], params: SamplingParams,
                  pad_token_id: int | None = None) -> Iterator[StepOutput]:
         """Yield this request's steps (a step where none of its rows produced a token is skipped)."""
@@ -109,7 +113,7 @@ class ContinuousBatcher:
                 while not self._closed and not self._pending and not self.active_rows:
                     self._cv.wait()
                 if self._closed:
-                    for request in {*self._pending, *(r for r in self.owner if r is not None)}:
+                    for request in {*self._pending, *self._active()}:
                         request.out.put(RuntimeError("the batcher was closed"))
                     return
                 self._admit()
@@ -120,7 +124,7 @@ class ContinuousBatcher:
                 self._step()
             except Exception as exc:  # noqa: BLE001 - every active request gets the error, the loop goes on
                 logger.exception("continuous batch step failed")
-                for request in {r for r in self.owner if r is not None}:
+                for request in self._active():
                     request.out.put(exc)
                     self._free(request)
 
@@ -137,7 +141,7 @@ class ContinuousBatcher:
                 self.position[row] = 0  # older keys past the row's length are masked by seqlens_k
 
     def _free_cancelled(self) -> None:
-        for request in {r for r in self.owner if r is not None and r.cancelled}:
+        for request in [r for r in self._active() if r.cancelled]:
             self._free(request)
 
     def _free(self, request: _Request) -> None:
@@ -150,7 +154,7 @@ class ContinuousBatcher:
         tokens = np.zeros(self.rows, np.int64)  # free rows decode a junk token at slot 0, unread
         at = np.zeros(self.rows, np.int64)  # the position each row writes this step
         advancing: set[_Request] = set()
-        for request in {r for r in self.owner if r is not None}:
+        for request in self._active():
             rows = [(i, row) for i, row in enumerate(request.rows) if self.owner[row] is request]
             if request.out.qsize() >= MAX_AHEAD and all(self.position[row] > 0 for _, row in rows):
                 # its reader is behind: each row rewrites its last cache slot with the token already there

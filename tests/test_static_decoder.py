@@ -164,7 +164,8 @@ def test_smollm2_static_graph_passes_the_gate(tmp_path):
     assert tok.decode(tokens).strip().startswith("Paris")
     # the default `optimize: int8`: its weights quantized pass their own gate and still say Paris;
     # int4 changes too many tokens of a 135M model and is refused
-    from export_jobs.weight_only import AgreementError, check_weight_only, quantize_weight_only
+    from export_jobs.decoder_validate import AgreementError
+    from export_jobs.weight_only import check_weight_only, quantize_weight_only
 
     for bits in (8, 4):
         quantize_weight_only(tmp_path / "model.onnx", tmp_path / f"model.int{bits}.onnx", bits)

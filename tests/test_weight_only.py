@@ -11,7 +11,8 @@ from export_jobs import manifest
 from export_jobs.config import ModelConfig
 from export_jobs.decoder_validate import default_prompts, transformers_greedy
 from export_jobs.static_decoder import export_static_decoder
-from export_jobs.weight_only import AgreementError, check_weight_only, quantize_weight_only
+from export_jobs.decoder_validate import AgreementError
+from export_jobs.weight_only import check_weight_only, quantize_weight_only
 from serve_app.generation import SamplingParams
 from serve_app.static_generation import StaticDecoderSession, generate_all_static
 from tests.test_decoder import _tiny_models, one_thread
