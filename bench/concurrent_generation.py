@@ -1,4 +1,5 @@
-"""Concurrent greedy requests on one static-cache graph: each in its own bucket vs continuous batching."""
+"""Concurrent greedy requests on one static-cache graph: each in its own bucket vs continuous batching, with
+prompts fed one token per step or prefilled."""
 from __future__ import annotations
 
 import statistics
@@ -13,8 +14,9 @@ from common import table
 def concurrent_generation(path: Path, providers: list, vocab: int, users: int, prompt_len: int, new: int,
                           slots: int = 256) -> dict:
     """`users` greedy requests at once on one static graph: each in its own bucket (concurrent generations take
-    turns per step) vs continuous batching (serve_app.continuous: one bucket, one step for all); tokens/s over
-    all users and each request's latency, then one request alone on each path."""
+    turns per step) vs continuous batching (serve_app.continuous: one bucket, one step for all), whose prompts go
+    in one token per step (prefill=False) or by prefill; tokens/s over all users and each request's latency, then
+    one request alone on each path."""
     from concurrent.futures import ThreadPoolExecutor
 
     from serve_app.continuous import ContinuousBatcher
@@ -24,9 +26,11 @@ def concurrent_generation(path: Path, providers: list, vocab: int, users: int, p
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
     prompts = np.random.default_rng(1).integers(10, vocab, (users, prompt_len)).tolist()
     alone = StaticDecoderSession(path, providers=providers, max_batch=1)  # CUDA graphs where on the CUDA EP
-    batcher = ContinuousBatcher(StaticDecoderSession(path, providers=providers, max_batch=users), slots=slots)
+    shared = StaticDecoderSession(path, providers=providers, max_batch=users)
+    batchers = {"continuous batching, prompts token by token": ContinuousBatcher(shared, slots=slots, prefill=False),
+                "continuous batching + prefill": ContinuousBatcher(shared, slots=slots)}
     runners = {"own bucket per request": lambda p: generate_all_static(alone, [p], params)[0],
-               "continuous batching": lambda p: collect(batcher.generate([p], params), 1)[0]}
+               **{name: (lambda p, b=b: collect(b.generate([p], params), 1)[0]) for name, b in batchers.items()}}
     out, tokens = {}, {}
     for name, run in runners.items():
         def timed(p, run=run):
@@ -43,12 +47,14 @@ def concurrent_generation(path: Path, providers: list, vocab: int, users: int, p
         one = statistics.median(timed(prompts[0])[0] for _ in range(3))
         out[name] = {"tokens_per_s": users * new / wall, "wall_s": wall, "p50_request_s": latencies[len(latencies) // 2],
                      "max_request_s": latencies[-1], "alone_request_s": one}
-    batcher.close()
-    same = sum(a == b for a, b in zip(*tokens.values()))
+    for batcher in batchers.values():
+        out[next(k for k, b in batchers.items() if b is batcher)]["prefills"] = batcher.prefills_run
+        batcher.close()
+    first = tokens["own bucket per request"]
+    same = {name: sum(a == b for a, b in zip(first, got)) for name, got in tokens.items()}
     rows = [(name, f"{v['tokens_per_s']:.0f}", f"{v['p50_request_s'] * 1000:.0f}", f"{v['max_request_s'] * 1000:.0f}",
-             f"{v['alone_request_s'] * 1000:.0f}") for name, v in out.items()]
-    print(f"\n  {users} concurrent greedy requests ({prompt_len}-token prompts, {new} new tokens each); the same "
-          f"tokens on both paths for {same} of {users} requests")
+             f"{v['alone_request_s'] * 1000:.0f}", f"{same[name]}/{users}") for name, v in out.items()]
+    print(f"\n  {users} concurrent greedy requests ({prompt_len}-token prompts, {new} new tokens each)")
     print(table(rows, ("path", "tokens/s (all users)", "p50 request ms", "slowest request ms",
-                       "one request alone ms")), flush=True)
-    return {**out, "same_tokens": same, "users": users}
+                       "one request alone ms", "same tokens as own bucket")), flush=True)
+    return {**out, "same_tokens": same, "users": users, "prompt_tokens": prompt_len}

@@ -532,8 +532,9 @@ def section_gptneo(args) -> None:
         try:
             from concurrent_generation import concurrent_generation
 
-            record["concurrent"] = concurrent_generation(tmp / "static" / "model.onnx", providers(device),
-                                                         config.vocab_size, args.users, prompt_len, new)
+            record["concurrent"] = {length: concurrent_generation(tmp / "static" / "model.onnx", providers(device),
+                                                                  config.vocab_size, args.users, length, new)
+                                    for length in args.users_prompt_lens}
         except Exception as exc:  # noqa: BLE001
             record["concurrent_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
             traceback.print_exc()
@@ -645,6 +646,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--users", type=int, default=32,
                         help="concurrent GPT-Neo requests: own buckets vs continuous batching (0: skip)")
+    parser.add_argument("--users-prompt-lens", type=int, nargs="+", default=[8, 128],
+                        help="prompt lengths of the concurrent requests, one table each")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--decoders", nargs="+", default=["dynamic", "static", "static_t", "fp16_served", "int8", "int4"],
                         choices=("dynamic", "static", "static_t", "fp16_served", "int8", "int4", "int8_fpaintb",

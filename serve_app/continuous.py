@@ -3,12 +3,17 @@
 Without it every generation decodes in its own bucket and concurrent generations take turns per step, so a
 GPU that decodes 32 rows in 1.34x the time of one row (GPT-Neo 1.3B shapes, H200: 2.26 vs 1.69 ms) serves
 32 users at 1/32 of its throughput. Here one scheduler thread runs decode steps over a bucket of `rows` rows;
-a request takes free rows as it arrives and gives them back the step it finishes (or is cancelled), so rows
-join and leave between steps and every step decodes every active row.
+a request takes the lowest free rows as it arrives and gives them back the step it finishes (or is cancelled),
+so rows join and leave between steps and every step decodes every active row. A step runs over the smallest
+power-of-two prefix of the rows that holds the active ones (each prefix has its own captured graphs over the
+same KV memory), so a lone request decodes at the speed of a 1-row bucket.
 
-A new row's prompt is fed one token per step, through the same captured decode graph as generation: the graph
-takes one token per row per call, and a row cannot be prefilled while its neighbours decode. A prompt of n
-tokens therefore costs n steps before its first new token (on the H200 about 2 ms a step at 32 rows).
+A new row's prompt goes into the cache one of two ways. A prefill runs the whole prompt in one uncaptured call
+over the new rows' slice of the bucket (StaticDecoderSession.prefill_rows), so its first token comes after one
+call instead of one step per prompt token; it stalls the rows that are decoding for about a step. So a prompt
+is prefilled when no row is decoding (a lone request, or requests that arrive together) or when it has at
+least PREFILL_TOKENS tokens; a shorter prompt joining a busy batch is fed one token per step through the
+captured decode graph, which costs its neighbours nothing (the step is bound by the weights, not the rows).
 
 Each request keeps its own sampling state (seeded rng, min_tokens, stop tokens); greedy rows take the token
 the graph picked on the device, so only sampling rows read logits back. Steps are pushed to each request's
@@ -32,12 +37,14 @@ logger = logging.getLogger("serve_app")
 # cache slots per row of a served batcher (its context): 32 rows of GPT-Neo 1.3B in float16 take 6.4 GB
 CONTINUOUS_SLOTS = 1024
 MAX_AHEAD = 8  # steps a request may have waiting for its reader before its rows pause
+PREFILL_TOKENS = 16  # a prompt this long is prefilled at once even while other rows decode
 
 
 class _Request:
-    def __init__(self, prompts: Sequence[Sequence[int]], params: SamplingParams, stop_ids: np.ndarray):
+    def __init__(self, prompts: Sequence[Sequence[int]], params: SamplingParams, stop_ids: np.ndarray, pad: int):
         self.prompts = [list(p) for p in prompts]
-        self.params, self.stop_ids = params, stop_ids
+        self.params, self.stop_ids, self.pad = params, stop_ids, pad
+        self.stops = frozenset(stop_ids.tolist())  # membership per token, without numpy's per-call cost
         self.rng = np.random.default_rng(params.seed)
         self.rows: list[int] = []  # bucket row of each prompt, once admitted
         self.fed = [0] * len(prompts)  # prompt tokens in the cache
@@ -53,14 +60,25 @@ class _Request:
 class ContinuousBatcher:
     """One bucket of `rows` x `slots` and the thread that decodes it; `generate` is generate_static's contract."""
 
-    def __init__(self, session: StaticDecoderSession, rows: int | None = None, slots: int | None = None):
-        self.session = session
+    def __init__(self, session: StaticDecoderSession, rows: int | None = None, slots: int | None = None,
+                 prefill: bool = True):
+        """prefill: False feeds every prompt one token per step (prompt and decode kernels never mix)."""
+        self.session, self.prefill = session, prefill
         self.rows = rows or session.max_batch
         self.bucket = session.acquire(self.rows, slots or session.max_length)  # held for the batcher's life
         self.rows, self.slots = self.bucket.batch, self.bucket.slots  # as the session rounded them
+        # a step decodes the smallest power-of-two prefix of rows that holds every active row (rows are handed
+        # out lowest first), so a lone request pays for a 1-row step, not a `rows`-row one
+        self.prefixes = {self.rows: self.bucket}
+        size = 1
+        while size < self.rows:
+            self.prefixes[size] = session.row_prefix(self.bucket, size)
+            size *= 2
         self.owner: list[_Request | None] = [None] * self.rows
         self.position = np.zeros(self.rows, np.int64)  # tokens each row holds in the cache
         self.steps_run = 0
+        self.prefills_run = 0
+        self.rows_decoded = 0  # summed over steps: the rows of the prefix each step ran
         self._pending: collections.deque[_Request] = collections.deque()
         self._cv = threading.Condition()
         self._closed = False
@@ -69,7 +87,7 @@ class ContinuousBatcher:
 
     @property
     def active_rows(self) -> int:
-        return sum(r is not None for r in self.owner)
+        return self.rows - self.owner.count(None)
 
     def _active(self) -> set[_Request]:
         """The requests that hold rows."""
@@ -85,8 +103,8 @@ class ContinuousBatcher:
         longest = max(len(p) for p in prompts_token_ids)
         if longest >= self.slots:
             raise ValueError(f"a prompt of {longest} tokens leaves no room in {self.slots} cache slots")
-        stop_ids, _ = stop_ids_and_pad(self.session.eos_token_ids, params, pad_token_id)
-        request = _Request(prompts_token_ids, params, stop_ids)
+        stop_ids, pad = stop_ids_and_pad(self.session.eos_token_ids, params, pad_token_id)
+        request = _Request(prompts_token_ids, params, stop_ids, pad)
         with self._cv:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
@@ -118,6 +136,7 @@ class ContinuousBatcher:
                     return
                 self._admit()
             self._free_cancelled()
+            self._prefill_new()
             if not self.active_rows:
                 continue
             try:
@@ -171,20 +190,30 @@ class ContinuousBatcher:
             with self._cv:
                 self._cv.wait(0.005)
             return
-        session, inputs = self.session, self.bucket.sets[self.bucket.current]
-        session.write(inputs["input_ids"], tokens.reshape(self.rows, 1))
+        top = self.rows - next(i for i, owner in enumerate(reversed(self.owner)) if owner is not None)
+        bucket = self.prefixes[1 << (top - 1).bit_length()]
+        n = bucket.batch
+        session, inputs = self.session, bucket.sets[bucket.current]
+        session.write(inputs["input_ids"], tokens[:n].reshape(n, 1))
         if "position_ids" in inputs:
-            session.write(inputs["position_ids"], at.reshape(self.rows, 1))
-        session.write(inputs["seqlens_k"], at.astype(np.int32))  # tokens after this step, minus 1
-        session.decode(self.bucket, None, int(at.max()) + 1)
+            session.write(inputs["position_ids"], at[:n].reshape(n, 1))
+        session.write(inputs["seqlens_k"], at[:n].astype(np.int32))  # tokens after this step, minus 1
+        session.decode(bucket, None, int(at.max()) + 1)
         self.steps_run += 1
+        self.rows_decoded += n
         for request in advancing:
             for i, row in enumerate(request.rows):
                 if self.owner[row] is request:
                     self.position[row] += 1
                     request.previous[i] = int(tokens[row])
-        greedy = session.read(self.bucket.next_token)
-        logits = None
+        greedy = session.read(bucket.next_token)
+        logits: list[np.ndarray] = []  # read once, if a row samples
+
+        def read_logits() -> np.ndarray:
+            if not logits:
+                logits.append(session.read(bucket.logits))
+            return logits[0]
+
         for request in advancing:
             producing = []  # prompt indices whose row gives a new token this step
             for i, row in enumerate(request.rows):
@@ -195,35 +224,81 @@ class ContinuousBatcher:
                     if request.fed[i] < len(request.prompts[i]):
                         continue  # still reading its prompt
                 producing.append(i)
-            if not producing:
-                continue
-            params = request.params
-            masked = request.stop_ids.size and min(request.generated[i] for i in producing) < params.min_tokens
-            if params.greedy and not masked:
-                picked = greedy[[request.rows[i] for i in producing]]
+            if producing:
+                self._produce(request, producing, greedy, read_logits)
+
+    def _prefill_new(self) -> None:
+        """Prefill the prompts of admitted rows with nothing in the cache yet, one call per run of adjacent
+        rows (see the module doc for which ones)."""
+        if not self.prefill:
+            return
+        new, busy = [], False
+        for row, request in enumerate(self.owner):
+            if request is not None:
+                i = request.rows.index(row)
+                if request.fed[i]:
+                    busy = True
+                else:
+                    new.append((row, request, i))
+        picked = [(row, request, i) for row, request, i in new
+                  if len(request.prompts[i]) > 1 and (not busy or len(request.prompts[i]) >= PREFILL_TOKENS)]
+        runs: list[list] = []
+        for entry in picked:
+            if runs and runs[-1][-1][0] == entry[0] - 1 and runs[-1][-1][1].pad == entry[1].pad:
+                runs[-1].append(entry)
             else:
-                if logits is None:
-                    logits = session.read(self.bucket.logits)
-                last = logits[[request.rows[i] for i in producing]].copy()
-                for n, i in enumerate(producing):
-                    if request.generated[i] < params.min_tokens and request.stop_ids.size:
-                        last[n, request.stop_ids] = -np.inf
-                picked = sample_next(last, params, request.rng)
-            emitted: list[int | None] = [None] * len(request.prompts)
-            for i, token in zip(producing, picked):
-                token = int(token)
-                emitted[i] = token
-                request.last[i] = token
-                request.generated[i] += 1
-                row = request.rows[i]
-                if token in request.stop_ids:
-                    request.reasons[i] = "stop"
-                elif request.generated[i] >= params.max_tokens or self.position[row] >= self.slots:
-                    request.reasons[i] = "length"
-                if request.reasons[i] is not None:  # a finished row is free from the next step on
-                    self.owner[row], self.position[row] = None, 0
-            request.out.put(StepOutput(request.step, tuple(emitted), tuple(request.reasons)))
-            request.step += 1
-            if all(r is not None for r in request.reasons):
-                request.out.put(None)
-                self._free(request)
+                runs.append([entry])
+        for run in runs:
+            first = run[0][0]
+            try:
+                logits, greedy = self.session.prefill_rows(self.bucket, first, [r.prompts[i] for _, r, i in run],
+                                                           run[0][1].pad)
+            except Exception as exc:  # noqa: BLE001 - the run's requests get the error, the others go on
+                logger.exception("continuous batch prefill failed")
+                for request in {r for _, r, _ in run}:
+                    request.out.put(exc)
+                    self._free(request)
+                continue
+            self.prefills_run += 1
+            producing: dict[_Request, list[int]] = {}
+            for row, request, i in run:
+                request.fed[i] = len(request.prompts[i])
+                request.previous[i] = request.prompts[i][-1]
+                self.position[row] = request.fed[i]
+                producing.setdefault(request, []).append(i)
+            for request, indices in producing.items():
+                self._produce(request, indices, greedy, lambda: logits, offset=first)
+
+    def _produce(self, request: _Request, producing: list[int], greedy: np.ndarray, read_logits,
+                 offset: int = 0) -> None:
+        """Pick the next token of each producing prompt (greedy[row - offset], or from its logits row),
+        record it and queue the request's step; rows that finish are freed."""
+        params = request.params
+        at = [request.rows[i] - offset for i in producing]
+        masked = request.stop_ids.size and min(request.generated[i] for i in producing) < params.min_tokens
+        if params.greedy and not masked:
+            picked = greedy[at]
+        else:
+            last = read_logits()[at].copy()
+            for n, i in enumerate(producing):
+                if request.generated[i] < params.min_tokens and request.stop_ids.size:
+                    last[n, request.stop_ids] = -np.inf
+            picked = sample_next(last, params, request.rng)
+        emitted: list[int | None] = [None] * len(request.prompts)
+        for i, token in zip(producing, picked):
+            token = int(token)
+            emitted[i] = token
+            request.last[i] = token
+            request.generated[i] += 1
+            row = request.rows[i]
+            if token in request.stops:
+                request.reasons[i] = "stop"
+            elif request.generated[i] >= params.max_tokens or self.position[row] >= self.slots:
+                request.reasons[i] = "length"
+            if request.reasons[i] is not None:  # a finished row is free from the next step on
+                self.owner[row], self.position[row] = None, 0
+        request.out.put(StepOutput(request.step, tuple(emitted), tuple(request.reasons)))
+        request.step += 1
+        if all(r is not None for r in request.reasons):
+            request.out.put(None)
+            self._free(request)

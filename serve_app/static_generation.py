@@ -39,12 +39,15 @@ class _Bucket:
     per step. Two bindings alternate, A -> B then B -> A; under CUDA graphs each is its own graph.
     """
 
-    def __init__(self, session: "StaticDecoderSession", batch: int, slots: int):
+    def __init__(self, session: "StaticDecoderSession", batch: int, slots: int, within: "_Bucket | None" = None):
+        """within: use the first `batch` rows of that bucket's KV cache instead of a cache of its own."""
         self.batch, self.slots = batch, slots
         where = session.device
         shape = (batch, session.num_kv_heads, slots, session.head_dim)
-        self.cache = [ort.OrtValue.ortvalue_from_shape_and_type(shape, session.dtype, *where)
-                      for _ in session.past_names]
+        if within is not None and (within.slots != slots or within.batch < batch):
+            raise ValueError(f"{batch} x {slots} is not a row prefix of {within.batch} x {within.slots}")
+        self.cache = within.cache if within is not None else [
+            ort.OrtValue.ortvalue_from_shape_and_type(shape, session.dtype, *where) for _ in session.past_names]
         self.sets = [{name: ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, *where)
                       for name, (shape, dtype) in _step_inputs(batch).items() if name in session.input_names}
                      for _ in range(2)]
@@ -86,9 +89,7 @@ class _Bucket:
             session.decode(self)
 
     def _bind_outputs(self, session, binding, next_inputs: dict) -> None:
-        for past, present, value in zip(session.past_names, session.present_names, self.cache):
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)  # the same buffer: GQA updates it in place
+        session.bind_cache(binding, self, 0, self.batch)
         binding.bind_ortvalue_output("logits", self.logits)
         binding.bind_ortvalue_output("next_token", self.next_token)
         for name, value in next_inputs.items():
@@ -212,6 +213,62 @@ class StaticDecoderSession:
             binding = bucket.prefill_binding(self, feeds)
             self.session.run_with_iobinding(binding, self._uncaptured)
         return lengths
+
+    def prefill_rows(self, bucket: _Bucket, first_row: int, prompts: Sequence[Sequence[int]],
+                     pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """Prefill rows first_row .. first_row + len(prompts) - 1 of a bucket in use, leaving its other rows
+        and its step inputs untouched. Returns the last real position's logits and greedy token per prompt.
+
+        The slice is bound by address (bind_cache): GQA writes the prompts' keys and values straight into the
+        shared bucket, and the captured decode graphs go on reading the same buffers.
+        """
+        count = len(prompts)
+        if not 0 <= first_row <= bucket.batch - count:
+            raise ValueError(f"rows {first_row}..{first_row + count - 1} are outside the bucket's {bucket.batch}")
+        lengths = np.array([len(p) for p in prompts], np.int64)
+        width = int(lengths.max())
+        if width >= bucket.slots:
+            raise ValueError(f"a prompt of {width} tokens leaves no room in {bucket.slots} cache slots")
+        ids = np.full((count, width), pad_id, np.int64)
+        for row, p in enumerate(prompts):
+            ids[row, : len(p)] = p
+        feeds = {"input_ids": ids, "position_ids": np.broadcast_to(np.arange(width), ids.shape).copy(),
+                 "seqlens_k": (lengths - 1).astype(np.int32), "total_sequence_length": np.array(width, np.int32),
+                 "last_index": (lengths - 1)[:, None]}
+        kind, device_id = self.device
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            if name in self.input_names:
+                binding.bind_cpu_input(name, value)
+        binding.bind_output("logits", kind, device_id)  # ORT allocates these two: outputs 0 and 1
+        binding.bind_output("next_token", kind, device_id)
+        self.bind_cache(binding, bucket, first_row, count)
+        for name in _step_inputs(count):
+            if name in self.input_names:
+                binding.bind_output(f"next_{name}", kind, device_id)  # the batcher writes its own step inputs
+        with self._run_lock:
+            self.session.run_with_iobinding(binding, self._uncaptured)
+            logits, tokens = binding.get_outputs()[:2]
+            return logits.numpy(), tokens.numpy()
+
+    def bind_cache(self, binding, bucket: _Bucket, first_row: int, rows: int) -> None:
+        """Bind rows first_row .. first_row + rows - 1 of a bucket's KV buffers as both past and present (GQA
+        writes in place). Rows are contiguous in each buffer ([rows, heads, slots, head_dim]), so a slice is
+        bound by address."""
+        kind, device_id = self.device
+        shape = (rows, self.num_kv_heads, bucket.slots, self.head_dim)
+        row_bytes = self.num_kv_heads * bucket.slots * self.head_dim * self.dtype.itemsize
+        for past, present, value in zip(self.past_names, self.present_names, bucket.cache):
+            address = value.data_ptr() + first_row * row_bytes
+            binding.bind_input(past, kind, device_id, self.dtype, shape, address)
+            binding.bind_output(present, kind, device_id, self.dtype, shape, address)
+
+    def row_prefix(self, bucket: _Bucket, rows: int) -> _Bucket:
+        """A bucket over the first `rows` rows of `bucket`'s KV cache, with its own step inputs and (on CUDA)
+        captured graphs: a step over it decodes those rows alone, at the cost of a `rows`-row step. Capturing
+        writes junk into slot 0 of those rows, so take prefixes before the rows hold anything."""
+        with self._run_lock:
+            return _Bucket(self, rows, bucket.slots, within=bucket)
 
     def decode(self, bucket: _Bucket, tokens: np.ndarray | None = None, total: int | None = None) -> None:
         """One step on the inputs the previous step (or the prefill) left on the device.

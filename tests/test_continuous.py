@@ -155,6 +155,64 @@ def test_min_tokens_masks_the_stop_token_until_reached(tiny):
         batcher.close()
 
 
+def test_a_lone_request_is_prefilled_in_one_call(tiny):
+    model, path = tiny
+    prompt = default_prompts(model)[0]
+    batcher = _batcher(path)
+    try:
+        assert collect(batcher.generate([prompt], GREEDY), 1)[0] == transformers_greedy(model, [prompt], 12, 0)[0]
+        # the first token comes from the prefill, each later one from a step: no step per prompt token
+        assert (batcher.prefills_run, batcher.steps_run) == (1, 11)
+        assert batcher.rows_decoded == 11  # each step over the 1-row prefix of the 4-row bucket
+    finally:
+        batcher.close()
+
+
+def test_a_long_prompt_joining_a_busy_batch_is_prefilled_into_its_rows_and_a_short_one_is_not(tiny):
+    """While row 0 decodes, a short prompt is fed token by token and two long prompts are prefilled into the
+    bucket's rows 1 and 2 by address; nobody's cache is overwritten."""
+    from serve_app.continuous import PREFILL_TOKENS
+
+    model, path = tiny
+    first, second = default_prompts(model)
+    long = [first, (second * 3)[:PREFILL_TOKENS + 3]]
+    short = first[:PREFILL_TOKENS - 4]
+    batcher = _batcher(path)
+    try:
+        running = batcher.generate([second], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+        head = [next(running).token_ids[0] for _ in range(2)]
+        assert batcher.prefills_run == 1
+        got = _run_concurrently(batcher, [([short], GREEDY)])
+        got += _run_concurrently(batcher, [(long, GREEDY)])
+        assert batcher.prefills_run == 2  # the long pair, in one call over adjacent rows
+        assert got[0][0] == transformers_greedy(model, [short], 12, 0)[0]
+        for prompt, tokens in zip(long, got[1]):
+            assert tokens == transformers_greedy(model, [prompt], 12, 0)[0]
+        assert head + collect(running, 1)[0] == transformers_greedy(model, [second], 30, 0)[0]
+    finally:
+        batcher.close()
+
+
+def test_prefill_rows_writes_only_its_slice_of_the_bucket(tiny):
+    model, path = tiny
+    session = StaticDecoderSession(path, session_options=one_thread(), max_batch=4, min_slots=16)
+    bucket = session.bucket(4, 32)
+    for value in bucket.cache:
+        session.write(value, np.zeros(value.shape(), session.dtype))
+    before = [session.read(value).copy() for value in bucket.cache]
+    prompts = default_prompts(model)
+    logits, greedy = session.prefill_rows(bucket, 1, prompts, 0)
+    assert logits.shape == (2, session.vocab_size) and list(greedy) == list(logits.argmax(-1))
+    assert greedy.tolist() == [t[0] for t in transformers_greedy(model, prompts[:1], 1, 0)] + \
+        [t[0] for t in transformers_greedy(model, prompts[1:], 1, 0)]
+    for old, value in zip(before, bucket.cache):
+        new = session.read(value)
+        assert np.array_equal(new[[0, 3]], old[[0, 3]])  # rows outside the slice: untouched
+        assert not np.array_equal(new[1:3], old[1:3])
+    with pytest.raises(ValueError, match="outside"):
+        session.prefill_rows(bucket, 3, prompts, 0)
+
+
 def test_continuous_batching_is_refused_where_there_is_no_static_graph():
     from export_jobs.config import ModelConfig
 
@@ -201,10 +259,35 @@ def test_concurrent_generations_on_cuda_graphs_write_their_sequential_tokens(tmp
     assert _run_concurrently(Shared(), requests) == expected
     # Rows of one bucket are computed independently, so a request in a full batch writes what it writes in the
     # same bucket alone (a 1-row bucket runs other kernels: float16 near-ties may differ there)
-    batcher = ContinuousBatcher(StaticDecoderSession(tmp_path / "model.onnx", providers=cuda, max_batch=8), slots=256)
+    # same bucket alone (a 1-row bucket runs other kernels: float16 near-ties may differ there). Prompts go in one
+    # token per step here: a prefill runs the prompt kernels, another source of float16 near-ties
+    session = StaticDecoderSession(tmp_path / "model.onnx", providers=cuda, max_batch=8)
+    batcher = ContinuousBatcher(session, slots=256, prefill=False)
     try:
         one_by_one = [collect(batcher.generate(prompts, params), 1) for prompts, params in requests]
         assert _run_concurrently(batcher, requests) == one_by_one
         assert sum(a == b for a, b in zip(one_by_one, expected)) >= 4
     finally:
         batcher.close()
+    # A prefill into rows 3 and 4 of an 8-row bucket, bound by device address, computes what the same two
+    # prompts compute in a 2-row bucket of their own, and leaves the other rows alone
+    prompts = [requests[7][0][0], requests[2][0][0]]
+    own = session.bucket(2, 256)
+    session.prefill(own, prompts, 0)
+    shared = session.bucket(8, 256)
+    for value in shared.cache:
+        session.write(value, np.zeros(value.shape(), np.float16))
+    logits, greedy = session.prefill_rows(shared, 3, prompts, 0)
+    assert np.array_equal(logits, session.read(own.logits)) and np.array_equal(greedy, session.read(own.next_token))
+    for mine, theirs in zip(shared.cache, own.cache):
+        mine, theirs = session.read(mine), session.read(theirs)
+        for row, prompt in zip((3, 4), prompts):
+            assert np.array_equal(mine[row, :, :len(prompt)], theirs[row - 3, :, :len(prompt)])
+        assert not mine[[0, 1, 2, 5, 6, 7]].any()
+    prefilling = ContinuousBatcher(session, slots=256)
+    try:
+        alone = [collect(prefilling.generate(prompts, params), 1) for prompts, params in requests]
+        assert prefilling.prefills_run == len(requests)
+        assert sum(a == b for a, b in zip(alone, one_by_one)) >= 4
+    finally:
+        prefilling.close()
