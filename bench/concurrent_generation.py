@@ -37,18 +37,20 @@ def concurrent_generation(path: Path, providers: list, vocab: int, users: int, p
             t0 = time.perf_counter()
             result = run(p)
             return time.perf_counter() - t0, result
+        batcher = next((b for n, b in batchers.items() if n == name), None)
         with ThreadPoolExecutor(users) as pool:
             list(pool.map(timed, prompts))  # warm-up: buckets and their CUDA graphs
+            before = _counters(batcher)
             start = time.perf_counter()
             results = list(pool.map(timed, prompts))
             wall = time.perf_counter() - start
+            counters = {k: v - before[k] for k, v in _counters(batcher).items()}
         latencies = sorted(r[0] for r in results)
         tokens[name] = [r[1] for r in results]
         one = statistics.median(timed(prompts[0])[0] for _ in range(3))
         out[name] = {"tokens_per_s": users * new / wall, "wall_s": wall, "p50_request_s": latencies[len(latencies) // 2],
-                     "max_request_s": latencies[-1], "alone_request_s": one}
+                     "max_request_s": latencies[-1], "alone_request_s": one, **counters}
     for batcher in batchers.values():
-        out[next(k for k, b in batchers.items() if b is batcher)]["prefills"] = batcher.prefills_run
         batcher.close()
     first = tokens["own bucket per request"]
     same = {name: sum(a == b for a, b in zip(first, got)) for name, got in tokens.items()}
@@ -57,4 +59,16 @@ def concurrent_generation(path: Path, providers: list, vocab: int, users: int, p
     print(f"\n  {users} concurrent greedy requests ({prompt_len}-token prompts, {new} new tokens each)")
     print(table(rows, ("path", "tokens/s (all users)", "p50 request ms", "slowest request ms",
                        "one request alone ms", "same tokens as own bucket")), flush=True)
+    for name, v in out.items():
+        if "steps" in v:
+            print(f"  {name}: {v['steps']} steps, {v['rows_decoded'] / max(v['steps'], 1):.1f} rows a step, "
+                  f"{v['prefills']} prefills taking {v['prefill_s'] * 1000:.1f} ms (the timed round)")
     return {**out, "same_tokens": same, "users": users, "prompt_tokens": prompt_len}
+
+
+def _counters(batcher) -> dict:
+    """A batcher's running totals (steps, rows decoded, prefills and their time); none for other paths."""
+    if batcher is None:
+        return {}
+    return {"steps": batcher.steps_run, "rows_decoded": batcher.rows_decoded, "prefills": batcher.prefills_run,
+            "prefill_s": batcher.prefill_seconds}

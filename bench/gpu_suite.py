@@ -571,7 +571,8 @@ def kernel_profile(fn, steps: int, show: str = "") -> dict:
     print(f"  {show or getattr(fn, '__name__', 'run')}: GPU kernel time {total:.3f} ms per call, {count:.0f} kernels; top:")
     print(table(rows, ("kernel", "ms per call", "launches per call")), flush=True)
     return {"gpu_ms": total, "kernels": count,
-            "top": [{"kernel": r[0], "ms": float(r[1]), "count": float(r[2])} for r in rows]}
+            "all": [{"kernel": e.key[:160], "ms": e.self_device_time_total / steps / 1000, "count": e.count / steps}
+                    for e in sorted(events, key=lambda e: -e.self_device_time_total)]}
 
 
 def profile_decode(static_sessions: dict, steps: int = 20) -> dict:

@@ -8,12 +8,13 @@ so rows join and leave between steps and every step decodes every active row. A 
 power-of-two prefix of the rows that holds the active ones (each prefix has its own captured graphs over the
 same KV memory), so a lone request decodes at the speed of a 1-row bucket.
 
-A new row's prompt goes into the cache one of two ways. A prefill runs the whole prompt in one uncaptured call
-over the new rows' slice of the bucket (StaticDecoderSession.prefill_rows), so its first token comes after one
-call instead of one step per prompt token; it stalls the rows that are decoding for about a step. So a prompt
-is prefilled when no row is decoding (a lone request, or requests that arrive together) or when it has at
-least PREFILL_TOKENS tokens; a shorter prompt joining a busy batch is fed one token per step through the
-captured decode graph, which costs its neighbours nothing (the step is bound by the weights, not the rows).
+A new row's prompt goes into the cache one of two ways. A prefill runs the new rows' prompts in one uncaptured
+call over their slice of the bucket (StaticDecoderSession.prefill_rows), so a row's first token comes after one
+call instead of one step per prompt token; the call stalls the rows that are decoding for about a step. Fed one
+token per step through the captured decode graph instead, a prompt costs its neighbours nothing (the step is
+bound by the weights, not the rows) but costs itself a step per token. So new rows are prefilled when the steps
+they save (prompt tokens - 1, summed) are at least the rows the prefill stalls: always when nothing decodes (a
+lone request), a burst of arrivals at once, a long prompt; a short prompt joining a busy batch is fed.
 
 Each request keeps its own sampling state (seeded rng, min_tokens, stop tokens); greedy rows take the token
 the graph picked on the device, so only sampling rows read logits back. Steps are pushed to each request's
@@ -26,6 +27,7 @@ import collections
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -37,7 +39,6 @@ logger = logging.getLogger("serve_app")
 # cache slots per row of a served batcher (its context): 32 rows of GPT-Neo 1.3B in float16 take 6.4 GB
 CONTINUOUS_SLOTS = 1024
 MAX_AHEAD = 8  # steps a request may have waiting for its reader before its rows pause
-PREFILL_TOKENS = 16  # a prompt this long is prefilled at once even while other rows decode
 
 
 class _Request:
@@ -79,6 +80,7 @@ class ContinuousBatcher:
         self.steps_run = 0
         self.prefills_run = 0
         self.rows_decoded = 0  # summed over steps: the rows of the prefix each step ran
+        self.prefill_seconds = 0.0  # wall time in prefill calls
         self._pending: collections.deque[_Request] = collections.deque()
         self._cv = threading.Condition()
         self._closed = False
@@ -232,16 +234,16 @@ class ContinuousBatcher:
         rows (see the module doc for which ones)."""
         if not self.prefill:
             return
-        new, busy = [], False
+        picked, decoding = [], 0
         for row, request in enumerate(self.owner):
             if request is not None:
                 i = request.rows.index(row)
                 if request.fed[i]:
-                    busy = True
-                else:
-                    new.append((row, request, i))
-        picked = [(row, request, i) for row, request, i in new
-                  if len(request.prompts[i]) > 1 and (not busy or len(request.prompts[i]) >= PREFILL_TOKENS)]
+                    decoding += 1
+                elif len(request.prompts[i]) > 1:
+                    picked.append((row, request, i))
+        if not picked or sum(len(r.prompts[i]) - 1 for _, r, i in picked) < decoding:
+            return
         runs: list[list] = []
         for entry in picked:
             if runs and runs[-1][-1][0] == entry[0] - 1 and runs[-1][-1][1].pad == entry[1].pad:
@@ -250,6 +252,7 @@ class ContinuousBatcher:
                 runs.append([entry])
         for run in runs:
             first = run[0][0]
+            started = time.perf_counter()
             try:
                 logits, greedy = self.session.prefill_rows(self.bucket, first, [r.prompts[i] for _, r, i in run],
                                                            run[0][1].pad)
@@ -260,6 +263,7 @@ class ContinuousBatcher:
                     self._free(request)
                 continue
             self.prefills_run += 1
+            self.prefill_seconds += time.perf_counter() - started
             producing: dict[_Request, list[int]] = {}
             for row, request, i in run:
                 request.fed[i] = len(request.prompts[i])

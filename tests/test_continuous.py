@@ -169,26 +169,25 @@ def test_a_lone_request_is_prefilled_in_one_call(tiny):
 
 
 def test_a_long_prompt_joining_a_busy_batch_is_prefilled_into_its_rows_and_a_short_one_is_not(tiny):
-    """While row 0 decodes, a short prompt is fed token by token and two long prompts are prefilled into the
-    bucket's rows 1 and 2 by address; nobody's cache is overwritten."""
-    from serve_app.continuous import PREFILL_TOKENS
-
+    """While rows 0 and 1 decode, a 2-token prompt (one step saved, two rows stalled) is fed token by token, and two
+    long prompts are prefilled into the bucket's rows 2 and 3 by address; nobody's cache is overwritten."""
     model, path = tiny
     first, second = default_prompts(model)
-    long = [first, (second * 3)[:PREFILL_TOKENS + 3]]
-    short = first[:PREFILL_TOKENS - 4]
+    short = first[:2]
     batcher = _batcher(path)
     try:
-        running = batcher.generate([second], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
-        head = [next(running).token_ids[0] for _ in range(2)]
-        assert batcher.prefills_run == 1
+        running = batcher.generate([first, second], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+        head = [next(running).token_ids for _ in range(2)]
+        assert batcher.prefills_run == 1  # the pair, alone: one call over rows 0 and 1
         got = _run_concurrently(batcher, [([short], GREEDY)])
-        got += _run_concurrently(batcher, [(long, GREEDY)])
-        assert batcher.prefills_run == 2  # the long pair, in one call over adjacent rows
+        assert batcher.prefills_run == 1
+        got += _run_concurrently(batcher, [([second, first], GREEDY)])
+        assert batcher.prefills_run == 2
         assert got[0][0] == transformers_greedy(model, [short], 12, 0)[0]
-        for prompt, tokens in zip(long, got[1]):
-            assert tokens == transformers_greedy(model, [prompt], 12, 0)[0]
-        assert head + collect(running, 1)[0] == transformers_greedy(model, [second], 30, 0)[0]
+        assert got[1] == [transformers_greedy(model, [p], 12, 0)[0] for p in (second, first)]
+        rest = collect(running, 2)
+        for n, prompt in enumerate((first, second)):
+            assert [h[n] for h in head] + rest[n] == transformers_greedy(model, [prompt], 30, 0)[0]
     finally:
         batcher.close()
 
