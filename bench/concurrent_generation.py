@@ -29,6 +29,7 @@ def concurrent_generation(path: Path, providers: list, vocab: int, users: int, p
     shared = StaticDecoderSession(path, providers=providers, max_batch=users)
     batchers = {"continuous batching, prompts token by token": ContinuousBatcher(shared, slots=slots, prefill=False),
                 "continuous batching + prefill": ContinuousBatcher(shared, slots=slots)}
+    before_warm = {name: b.warmup_seconds for name, b in batchers.items()}
     runners = {"own bucket per request": lambda p: generate_all_static(alone, [p], params)[0],
                **{name: (lambda p, b=b: collect(b.generate([p], params), 1)[0]) for name, b in batchers.items()}}
     out, tokens = {}, {}
@@ -50,8 +51,11 @@ def concurrent_generation(path: Path, providers: list, vocab: int, users: int, p
         one = statistics.median(timed(prompts[0])[0] for _ in range(3))
         out[name] = {"tokens_per_s": users * new / wall, "wall_s": wall, "p50_request_s": latencies[len(latencies) // 2],
                      "max_request_s": latencies[-1], "alone_request_s": one, **counters}
+        if name in before_warm:
+            out[name]["warmup_s"] = before_warm[name]
     for batcher in batchers.values():
         batcher.close()
+    calls = prefill_call_ms(shared, vocab, prompt_len, slots)
     first = tokens["own bucket per request"]
     same = {name: sum(a == b for a, b in zip(first, got)) for name, got in tokens.items()}
     rows = [(name, f"{v['tokens_per_s']:.0f}", f"{v['p50_request_s'] * 1000:.0f}", f"{v['max_request_s'] * 1000:.0f}",
@@ -59,11 +63,14 @@ def concurrent_generation(path: Path, providers: list, vocab: int, users: int, p
     print(f"\n  {users} concurrent greedy requests ({prompt_len}-token prompts, {new} new tokens each)")
     print(table(rows, ("path", "tokens/s (all users)", "p50 request ms", "slowest request ms",
                        "one request alone ms", "same tokens as own bucket")), flush=True)
+    print("  one prefill_rows call, ms (4 calls each, first to last): " + "; ".join(
+        f"{rows} rows {', '.join(f'{t:.1f}' for t in times)}" for rows, times in calls.items()))
     for name, v in out.items():
         if "steps" in v:
             print(f"  {name}: {v['steps']} steps, {v['rows_decoded'] / max(v['steps'], 1):.1f} rows a step, "
-                  f"{v['prefills']} prefills taking {v['prefill_s'] * 1000:.1f} ms (the timed round)")
-    return {**out, "same_tokens": same, "users": users, "prompt_tokens": prompt_len}
+                  f"{v['prefills']} prefills taking {v['prefill_s'] * 1000:.1f} ms (the timed round); "
+                  f"prefill shapes warmed at start in {before_warm[name]:.1f} s")
+    return {**out, "same_tokens": same, "users": users, "prompt_tokens": prompt_len, "prefill_call_ms": calls}
 
 
 def _counters(batcher) -> dict:
@@ -72,3 +79,20 @@ def _counters(batcher) -> dict:
         return {}
     return {"steps": batcher.steps_run, "rows_decoded": batcher.rows_decoded, "prefills": batcher.prefills_run,
             "prefill_s": batcher.prefill_seconds}
+
+
+def prefill_call_ms(session, vocab: int, prompt_len: int, slots: int) -> dict:
+    """Wall ms of prefill_rows over the first `rows` rows of a fresh bucket, 4 calls per row count."""
+    bucket = session.acquire(session.max_batch, slots)
+    rng = np.random.default_rng(2)
+    out = {}
+    for rows in sorted({1, min(8, session.max_batch), max(session.max_batch - 1, 1), session.max_batch}):
+        prompts = rng.integers(10, vocab, (rows, prompt_len)).tolist()
+        times = []
+        for _ in range(4):
+            start = time.perf_counter()
+            session.prefill_rows(bucket, 0, prompts, 0)
+            times.append((time.perf_counter() - start) * 1000)
+        out[rows] = times
+    session.release(bucket)
+    return out

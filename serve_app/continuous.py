@@ -62,9 +62,12 @@ class ContinuousBatcher:
     """One bucket of `rows` x `slots` and the thread that decodes it; `generate` is generate_static's contract."""
 
     def __init__(self, session: StaticDecoderSession, rows: int | None = None, slots: int | None = None,
-                 prefill: bool = True):
-        """prefill: False feeds every prompt one token per step (prompt and decode kernels never mix)."""
+                 prefill: bool = True, shape_buckets: bool | None = None):
+        """prefill: False feeds every prompt one token per step (prompt and decode kernels never mix).
+        shape_buckets: prefill calls of power-of-two rows and widths only, each shape run once at start (None: on
+        the CUDA EP, where a new shape costs a first run of 80-150 ms)."""
         self.session, self.prefill = session, prefill
+        self.shape_buckets = session.on_cuda if shape_buckets is None else shape_buckets
         self.rows = rows or session.max_batch
         self.bucket = session.acquire(self.rows, slots or session.max_length)  # held for the batcher's life
         self.rows, self.slots = self.bucket.batch, self.bucket.slots  # as the session rounded them
@@ -75,6 +78,9 @@ class ContinuousBatcher:
         while size < self.rows:
             self.prefixes[size] = session.row_prefix(self.bucket, size)
             size *= 2
+        self.warmup_seconds = 0.0
+        if prefill and self.shape_buckets and session.on_cuda:
+            self._warm_prefill_shapes()
         self.owner: list[_Request | None] = [None] * self.rows
         self.position = np.zeros(self.rows, np.int64)  # tokens each row holds in the cache
         self.steps_run = 0
@@ -250,12 +256,13 @@ class ContinuousBatcher:
                 runs[-1].append(entry)
             else:
                 runs.append([entry])
-        for run in runs:
-            first = run[0][0]
+        for first, run, filler in [call for run in runs for call in self._calls(run)]:
+            pad = run[0][1].pad
             started = time.perf_counter()
             try:
-                logits, greedy = self.session.prefill_rows(self.bucket, first, [r.prompts[i] for _, r, i in run],
-                                                           run[0][1].pad)
+                logits, greedy = self.session.prefill_rows(
+                    self.bucket, first, [r.prompts[i] for _, r, i in run] + [[pad]] * filler, pad,
+                    self._width(max(len(r.prompts[i]) for _, r, i in run)))
             except Exception as exc:  # noqa: BLE001 - the run's requests get the error, the others go on
                 logger.exception("continuous batch prefill failed")
                 for request in {r for _, r, _ in run}:
@@ -272,6 +279,45 @@ class ContinuousBatcher:
                 producing.setdefault(request, []).append(i)
             for request, indices in producing.items():
                 self._produce(request, indices, greedy, lambda: logits, offset=first)
+
+    def _calls(self, run: list) -> list[tuple[int, list, int]]:
+        """(first row, entries, free filler rows) per prefill call for a run of adjacent rows. With shape buckets a
+        call covers a power-of-two count of rows: the free rows after a run fill it up where there are enough
+        (they get a junk token in slot 0, as free rows do in every step), otherwise the run is split."""
+        if not self.shape_buckets:
+            return [(run[0][0], run, 0)]
+        first, count = run[0][0], len(run)
+        end = first + (1 << (count - 1).bit_length())
+        if end <= self.rows and all(self.owner[row] is None for row in range(first + count, end)):
+            return [(first, run, end - first - count)]
+        calls, at = [], 0
+        while at < count:
+            size = 1 << ((count - at).bit_length() - 1)
+            calls.append((run[at][0], run[at:at + size], 0))
+            at += size
+        return calls
+
+    def _width(self, longest: int) -> int:
+        """The padded prompt width of a prefill: with shape buckets a power of two (at least 16) below the slots."""
+        if not self.shape_buckets:
+            return longest
+        return min(max(16, 1 << (longest - 1).bit_length()), self.slots - 1)
+
+    def _warm_prefill_shapes(self) -> None:
+        """Run every (rows, width) prefill shape once, before any request: on the CUDA EP ONNX Runtime spends
+        80-150 ms on the first run of each new input shape (H200), which would otherwise stall every decoding
+        row the first time an arrival has that shape. The junk goes into rows nobody holds yet."""
+        started = time.perf_counter()
+        widths = sorted({self._width(n) for n in (1 << e for e in range(self.slots.bit_length()))} |
+                        {self._width(self.slots - 1)})
+        rows, shapes = 1, 0
+        while rows <= self.rows:
+            for width in widths:
+                self.session.prefill_rows(self.bucket, 0, [[0]] * rows, 0, width)
+                shapes += 1
+            rows *= 2
+        self.warmup_seconds = time.perf_counter() - started
+        logger.info("continuous batcher: %d prefill shapes warmed in %.1f s", shapes, self.warmup_seconds)
 
     def _produce(self, request: _Request, producing: list[int], greedy: np.ndarray, read_logits,
                  offset: int = 0) -> None:

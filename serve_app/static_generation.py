@@ -215,9 +215,10 @@ class StaticDecoderSession:
         return lengths
 
     def prefill_rows(self, bucket: _Bucket, first_row: int, prompts: Sequence[Sequence[int]],
-                     pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+                     pad_id: int, width: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Prefill rows first_row .. first_row + len(prompts) - 1 of a bucket in use, leaving its other rows
         and its step inputs untouched. Returns the last real position's logits and greedy token per prompt.
+        width: pad the prompts to at least this many positions (fewer distinct shapes; pads are masked).
 
         The slice is bound by address (bind_cache): GQA writes the prompts' keys and values straight into the
         shared bucket, and the captured decode graphs go on reading the same buffers.
@@ -226,7 +227,7 @@ class StaticDecoderSession:
         if not 0 <= first_row <= bucket.batch - count:
             raise ValueError(f"rows {first_row}..{first_row + count - 1} are outside the bucket's {bucket.batch}")
         lengths = np.array([len(p) for p in prompts], np.int64)
-        width = int(lengths.max())
+        width = max(int(lengths.max()), width)
         if width >= bucket.slots:
             raise ValueError(f"a prompt of {width} tokens leaves no room in {bucket.slots} cache slots")
         ids = np.full((count, width), pad_id, np.int64)

@@ -192,6 +192,30 @@ def test_a_long_prompt_joining_a_busy_batch_is_prefilled_into_its_rows_and_a_sho
         batcher.close()
 
 
+def test_shape_buckets_pad_prefills_to_power_of_two_rows_and_widths(tiny):
+    """As on the CUDA EP: prefill shapes are warmed once, a burst of three prompts is prefilled as four rows (a free
+    row as filler) at a padded width, and a burst that cannot grow is split; the tokens do not change."""
+    model, path = tiny
+    first, second = default_prompts(model)
+    prompts = [first, second, first[:5]]
+    expected = [transformers_greedy(model, [p], 12, 0)[0] for p in prompts]
+    batcher = ContinuousBatcher(StaticDecoderSession(path, session_options=one_thread(), max_batch=4, min_slots=16),
+                                slots=64, shape_buckets=True)
+    try:
+        batcher._warm_prefill_shapes()  # run on CUDA only; here it proves the junk it writes does no harm
+        assert [batcher._width(n) for n in (2, 16, 17, 40)] == [16, 16, 32, 63]
+        assert batcher._calls([(0, None, 0)] * 3) == [(0, [(0, None, 0)] * 3, 1)]
+        got = collect(batcher.generate(prompts, GREEDY), 3)
+        assert got == expected and batcher.prefills_run == 1  # one call: rows 0-2 and free row 3
+        running = batcher.generate([second], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+        head = next(running).token_ids[0]  # row 0, decoding
+        got = collect(batcher.generate(prompts, GREEDY), 3)  # rows 1-3: no power of two fits, so 2 + 1 rows
+        assert got == expected and batcher.prefills_run == 4
+        assert [head] + collect(running, 1)[0] == transformers_greedy(model, [second], 30, 0)[0]
+    finally:
+        batcher.close()
+
+
 def test_prefill_rows_writes_only_its_slice_of_the_bucket(tiny):
     model, path = tiny
     session = StaticDecoderSession(path, session_options=one_thread(), max_batch=4, min_slots=16)
