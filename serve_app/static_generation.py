@@ -199,16 +199,7 @@ class StaticDecoderSession:
     def prefill(self, bucket: _Bucket, prompts: Sequence[Sequence[int]], pad_id: int) -> np.ndarray:
         """Right-padded prompts -> the KV cache filled, the first decode step's inputs in place, the last real
         position's logits and greedy token in bucket.logits / bucket.next_token. Returns each row's length."""
-        lengths = np.array([len(p) for p in prompts] + [1] * (bucket.batch - len(prompts)), np.int64)
-        width = int(lengths.max())
-        if width >= bucket.slots:
-            raise ValueError(f"a prompt of {width} tokens leaves no room in {bucket.slots} cache slots")
-        ids = np.full((bucket.batch, width), pad_id, np.int64)
-        for row, p in enumerate(prompts):
-            ids[row, : len(p)] = p
-        feeds = {"input_ids": ids, "position_ids": np.broadcast_to(np.arange(width), ids.shape).copy(),
-                 "seqlens_k": (lengths - 1).astype(np.int32), "total_sequence_length": np.array(width, np.int32),
-                 "last_index": (lengths - 1)[:, None]}
+        feeds, lengths = _prefill_feeds(prompts, bucket.batch, bucket.slots, pad_id)
         with self._run_lock:
             binding = bucket.prefill_binding(self, feeds)
             self.session.run_with_iobinding(binding, self._uncaptured)
@@ -226,16 +217,7 @@ class StaticDecoderSession:
         count = len(prompts)
         if not 0 <= first_row <= bucket.batch - count:
             raise ValueError(f"rows {first_row}..{first_row + count - 1} are outside the bucket's {bucket.batch}")
-        lengths = np.array([len(p) for p in prompts], np.int64)
-        width = max(int(lengths.max()), width)
-        if width >= bucket.slots:
-            raise ValueError(f"a prompt of {width} tokens leaves no room in {bucket.slots} cache slots")
-        ids = np.full((count, width), pad_id, np.int64)
-        for row, p in enumerate(prompts):
-            ids[row, : len(p)] = p
-        feeds = {"input_ids": ids, "position_ids": np.broadcast_to(np.arange(width), ids.shape).copy(),
-                 "seqlens_k": (lengths - 1).astype(np.int32), "total_sequence_length": np.array(width, np.int32),
-                 "last_index": (lengths - 1)[:, None]}
+        feeds, _ = _prefill_feeds(prompts, count, bucket.slots, pad_id, width)
         kind, device_id = self.device
         binding = self.session.io_binding()
         for name, value in feeds.items():
@@ -298,6 +280,23 @@ class StaticDecoderSession:
         """Host data into a device input (with CUDA graphs, never while another thread captures one)."""
         with self._run_lock:
             value.update_inplace(array)
+
+
+def _prefill_feeds(prompts: Sequence[Sequence[int]], rows: int, slots: int, pad_id: int,
+                   width: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """A prefill's host inputs: prompts right-padded to at least `width` (rows past the prompts get one pad
+    token), and each row's length."""
+    lengths = np.array([len(p) for p in prompts] + [1] * (rows - len(prompts)), np.int64)
+    width = max(int(lengths.max()), width)
+    if width >= slots:
+        raise ValueError(f"a prompt of {width} tokens leaves no room in {slots} cache slots")
+    ids = np.full((rows, width), pad_id, np.int64)
+    for row, p in enumerate(prompts):
+        ids[row, : len(p)] = p
+    feeds = {"input_ids": ids, "position_ids": np.broadcast_to(np.arange(width), ids.shape).copy(),
+             "seqlens_k": (lengths - 1).astype(np.int32), "total_sequence_length": np.array(width, np.int32),
+             "last_index": (lengths - 1)[:, None]}
+    return feeds, lengths
 
 
 def _provider_name(provider) -> str:
