@@ -33,7 +33,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from .generation import SamplingParams, StepOutput, sample_next, stop_ids_and_pad
-from .static_generation import StaticDecoderSession
+from .static_generation import StaticDecoderSession, bucket_width
 
 logger = logging.getLogger("serve_app")
 # cache slots per row of a served batcher (its context): 32 rows of GPT-Neo 1.3B in float16 take 6.4 GB
@@ -64,10 +64,10 @@ class ContinuousBatcher:
     def __init__(self, session: StaticDecoderSession, rows: int | None = None, slots: int | None = None,
                  prefill: bool = True, shape_buckets: bool | None = None):
         """prefill: False feeds every prompt one token per step (prompt and decode kernels never mix).
-        shape_buckets: prefill calls of power-of-two rows and widths only, each shape run once at start (None: on
-        the CUDA EP, where a new shape costs a first run of 80-150 ms)."""
+        shape_buckets: prefill calls of power-of-two rows and widths only, each shape run once at start on the CUDA
+        EP, where a new shape costs a first run of 80-150 ms (None: the session's shape_buckets)."""
         self.session, self.prefill = session, prefill
-        self.shape_buckets = session.on_cuda if shape_buckets is None else shape_buckets
+        self.shape_buckets = session.shape_buckets if shape_buckets is None else shape_buckets
         self.rows = rows or session.max_batch
         self.bucket = session.acquire(self.rows, slots or session.max_length)  # held for the batcher's life
         self.rows, self.slots = self.bucket.batch, self.bucket.slots  # as the session rounded them
@@ -299,17 +299,14 @@ class ContinuousBatcher:
 
     def _width(self, longest: int) -> int:
         """The padded prompt width of a prefill: with shape buckets a power of two (at least 16) below the slots."""
-        if not self.shape_buckets:
-            return longest
-        return min(max(16, 1 << (longest - 1).bit_length()), self.slots - 1)
+        return bucket_width(longest, self.slots) if self.shape_buckets else longest
 
     def _warm_prefill_shapes(self) -> None:
         """Run every (rows, width) prefill shape once, before any request: on the CUDA EP ONNX Runtime spends
         80-150 ms on the first run of each new input shape (H200), which would otherwise stall every decoding
         row the first time an arrival has that shape. The junk goes into rows nobody holds yet."""
         started = time.perf_counter()
-        widths = sorted({self._width(n) for n in (1 << e for e in range(self.slots.bit_length()))} |
-                        {self._width(self.slots - 1)})
+        widths = sorted({self._width(min(1 << e, self.slots - 1)) for e in range(self.slots.bit_length())})
         rows, shapes = 1, 0
         while rows <= self.rows:
             for width in widths:

@@ -112,8 +112,11 @@ class StaticDecoderSession:
     def __init__(self, onnx_path: str | Path, info: dict | None = None, providers: Sequence | None = None,
                  session_options: ort.SessionOptions | None = None, cuda_graph: bool | None = None,
                  max_batch: int = 32, max_length: int | None = None, min_slots: int = 256,
-                 max_buckets: int = 4):
+                 max_buckets: int = 4, shape_buckets: bool | None = None):
         """cuda_graph: None captures decode steps when the session runs on the CUDA EP.
+
+        shape_buckets: pad prefills to power-of-two widths (>= 16) so that few input shapes ever reach ONNX
+        Runtime; None: on the CUDA EP, where the first run of each new shape costs 80-150 ms (H200).
 
         max_length: the most cache slots a row may use (at most the exported one). A request gets the
         smallest power-of-two slot count (>= min_slots) that holds its prompt + max_tokens, so memory
@@ -139,6 +142,7 @@ class StaticDecoderSession:
             providers[0] = ("CUDAExecutionProvider", {**_provider_options(providers[0]), "enable_cuda_graph": "1"})
         self.session = ort.InferenceSession(str(onnx_path), sess_options=session_options, providers=providers)
         self.on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
+        self.shape_buckets = self.on_cuda if shape_buckets is None else shape_buckets
         self.cuda_graph = self.cuda_graph and self.on_cuda
         self.device = ("cuda", 0) if self.on_cuda else ("cpu", 0)
         self.input_names = tuple(i.name for i in self.session.get_inputs())
@@ -196,10 +200,15 @@ class StaticDecoderSession:
         self.release(bucket)
         return bucket
 
+    def prefill_width(self, longest: int, slots: int) -> int:
+        """The width a prefill of prompts up to `longest` tokens is padded to (see shape_buckets)."""
+        return bucket_width(longest, slots) if self.shape_buckets else longest
+
     def prefill(self, bucket: _Bucket, prompts: Sequence[Sequence[int]], pad_id: int) -> np.ndarray:
         """Right-padded prompts -> the KV cache filled, the first decode step's inputs in place, the last real
         position's logits and greedy token in bucket.logits / bucket.next_token. Returns each row's length."""
-        feeds, lengths = _prefill_feeds(prompts, bucket.batch, bucket.slots, pad_id)
+        width = self.prefill_width(max(len(p) for p in prompts), bucket.slots)
+        feeds, lengths = _prefill_feeds(prompts, bucket.batch, bucket.slots, pad_id, width)
         with self._run_lock:
             binding = bucket.prefill_binding(self, feeds)
             self.session.run_with_iobinding(binding, self._uncaptured)
@@ -280,6 +289,11 @@ class StaticDecoderSession:
         """Host data into a device input (with CUDA graphs, never while another thread captures one)."""
         with self._run_lock:
             value.update_inplace(array)
+
+
+def bucket_width(longest: int, slots: int) -> int:
+    """A power of two of at least 16 that holds `longest` prompt tokens, below the cache's slots."""
+    return max(longest, min(max(16, 1 << (longest - 1).bit_length()), slots - 1))
 
 
 def _prefill_feeds(prompts: Sequence[Sequence[int]], rows: int, slots: int, pad_id: int,

@@ -45,6 +45,21 @@ def test_greedy_tokens_equal_transformers_on_a_right_padded_batch(exported, kind
     assert sorted(session._idle) == [(4, 64)]  # 4 rows; the longest prompt + 24 tokens fits 64 slots
 
 
+@pytest.mark.parametrize("kind", ["gpt_neo", "llama"])
+def test_prefills_padded_to_shape_buckets_give_the_same_tokens(exported, kind):
+    """As on the CUDA EP: prompt widths are padded to a power of two (here 24 -> 32, and 14 + 1 -> 16)."""
+    from serve_app.static_generation import bucket_width
+
+    model, path = exported[kind]
+    long, short = default_prompts(model)
+    assert [bucket_width(n, 64) for n in (1, 16, 17, 24, 40)] == [16, 16, 32, 32, 63]
+    session = _session(path, shape_buckets=True)
+    params = SamplingParams(max_tokens=24, temperature=0)
+    for prompts in ([long, short], [short + [5]]):
+        expected = [transformers_greedy(model, [p], 24, 0)[0] for p in prompts]
+        assert generate_all_static(session, prompts, params) == expected
+
+
 @pytest.mark.parametrize("kind", ["gpt_neo", "gpt2", "llama"])
 def test_transposed_weights_give_the_same_tokens_and_logits(exported, kind, tmp_path):
     """transpose_weights: every projection is FusedMatMul over an [out, in] weight; same product."""
