@@ -257,6 +257,8 @@ class ContinuousBatcher:
             else:
                 runs.append([entry])
         for first, run, filler in [call for run in runs for call in self._calls(run)]:
+            if any(self.owner[row] is not request for row, request, _ in run):
+                continue  # a request whose earlier call failed (and was freed); the rest waits for the next round
             pad = run[0][1].pad
             started = time.perf_counter()
             try:

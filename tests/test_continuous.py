@@ -216,6 +216,24 @@ def test_shape_buckets_pad_prefills_to_power_of_two_rows_and_widths(tiny):
         batcher.close()
 
 
+def test_a_failed_prefill_fails_its_request_only(tiny):
+    """A prompt with a token id outside the vocabulary makes ONNX Runtime's Gather fail in the prefill: that request
+    gets the error and its rows back, the request decoding beside it and a later one are unaffected."""
+    model, path = tiny
+    first, second = default_prompts(model)
+    batcher = _batcher(path)
+    try:
+        running = batcher.generate([second], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+        head = next(running).token_ids[0]
+        with pytest.raises(Exception, match="(?i)gather|indices|out of"):
+            collect(batcher.generate([first[:9] + [model.config.vocab_size + 5]], GREEDY), 1)
+        assert [head] + collect(running, 1)[0] == transformers_greedy(model, [second], 20, 0)[0]
+        assert collect(batcher.generate([first], GREEDY), 1)[0] == transformers_greedy(model, [first], 12, 0)[0]
+        assert batcher.active_rows == 0
+    finally:
+        batcher.close()
+
+
 def test_prefill_rows_writes_only_its_slice_of_the_bucket(tiny):
     model, path = tiny
     session = StaticDecoderSession(path, session_options=one_thread(), max_batch=4, min_slots=16)
