@@ -220,6 +220,8 @@ def test_continuous_batching_serves_concurrent_requests_in_shared_steps(server, 
     info = handle.info.remote().result()
     assert info["batched_steps"] - before < one_at_a_time / 2, info
     assert info["batched_rows"] == 0 and info["context"] == 128
+    assert info["batched_prefills"] >= 1  # at least the first arrival, alone, was prefilled in one call
+    assert info["batched_rows_decoded"] >= info["batched_steps"]
     # over the batcher's context: a 400 naming the prompt, before any decoding
     r = httpx.post(f"{server}/v1/completions", json={"model": BATCHED, "prompt": "x", "max_tokens": 200})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"

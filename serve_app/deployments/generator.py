@@ -80,7 +80,11 @@ class Generator:
         return {"id": self.model_id, "context": self.runtime.context, "active_streams": self.active_streams,
                 "decode_steps": self.decode_steps,
                 "batched_steps": batcher.steps_run if batcher is not None else None,
-                "batched_rows": batcher.active_rows if batcher is not None else None}
+                "batched_rows": batcher.active_rows if batcher is not None else None,
+                # rows the steps ran (each over the smallest prefix holding the active rows), prefill calls
+                "batched_rows_decoded": batcher.rows_decoded if batcher is not None else None,
+                "batched_prefills": batcher.prefills_run if batcher is not None else None,
+                "batched_prefill_s": round(batcher.prefill_seconds, 4) if batcher is not None else None}
 
     def check_health(self) -> None:
         if self.runtime.session is None:
