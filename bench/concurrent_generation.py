@@ -29,7 +29,6 @@ def concurrent_generation(path: Path, providers: list, vocab: int, users: int, p
     shared = StaticDecoderSession(path, providers=providers, max_batch=users)
     batchers = {"continuous batching, prompts token by token": ContinuousBatcher(shared, slots=slots, prefill=False),
                 "continuous batching + prefill": ContinuousBatcher(shared, slots=slots)}
-    before_warm = {name: b.warmup_seconds for name, b in batchers.items()}
     runners = {"own bucket per request": lambda p: generate_all_static(alone, [p], params)[0],
                **{name: (lambda p, b=b: collect(b.generate([p], params), 1)[0]) for name, b in batchers.items()}}
     out, tokens = {}, {}
@@ -38,7 +37,7 @@ def concurrent_generation(path: Path, providers: list, vocab: int, users: int, p
             t0 = time.perf_counter()
             result = run(p)
             return time.perf_counter() - t0, result
-        batcher = next((b for n, b in batchers.items() if n == name), None)
+        batcher = batchers.get(name)
         with ThreadPoolExecutor(users) as pool:
             list(pool.map(timed, prompts))  # warm-up: buckets and their CUDA graphs
             before = _counters(batcher)
@@ -51,8 +50,8 @@ def concurrent_generation(path: Path, providers: list, vocab: int, users: int, p
         one = statistics.median(timed(prompts[0])[0] for _ in range(3))
         out[name] = {"tokens_per_s": users * new / wall, "wall_s": wall, "p50_request_s": latencies[len(latencies) // 2],
                      "max_request_s": latencies[-1], "alone_request_s": one, **counters}
-        if name in before_warm:
-            out[name]["warmup_s"] = before_warm[name]
+        if batcher is not None:
+            out[name]["warmup_s"] = batcher.warmup_seconds
     for batcher in batchers.values():
         batcher.close()
     calls = prefill_call_ms(shared, vocab, prompt_len, slots)
@@ -69,7 +68,7 @@ def concurrent_generation(path: Path, providers: list, vocab: int, users: int, p
         if "steps" in v:
             print(f"  {name}: {v['steps']} steps, {v['rows_decoded'] / max(v['steps'], 1):.1f} rows a step, "
                   f"{v['prefills']} prefills taking {v['prefill_s'] * 1000:.1f} ms (the timed round); "
-                  f"prefill shapes warmed at start in {before_warm[name]:.1f} s")
+                  f"prefill shapes warmed at start in {v['warmup_s']:.1f} s")
     return {**out, "same_tokens": same, "users": users, "prompt_tokens": prompt_len, "prefill_call_ms": calls}
 
 

@@ -62,12 +62,11 @@ class ContinuousBatcher:
     """One bucket of `rows` x `slots` and the thread that decodes it; `generate` is generate_static's contract."""
 
     def __init__(self, session: StaticDecoderSession, rows: int | None = None, slots: int | None = None,
-                 prefill: bool = True, shape_buckets: bool | None = None):
+                 prefill: bool = True):
         """prefill: False feeds every prompt one token per step (prompt and decode kernels never mix).
-        shape_buckets: prefill calls of power-of-two rows and widths only, each shape run once at start on the CUDA
-        EP, where a new shape costs a first run of 80-150 ms (None: the session's shape_buckets)."""
+        With the session's shape_buckets (on the CUDA EP, where a new shape costs a first run of 80-150 ms)
+        prefill calls come in power-of-two rows and widths only, each shape run once at start."""
         self.session, self.prefill = session, prefill
-        self.shape_buckets = session.shape_buckets if shape_buckets is None else shape_buckets
         self.rows = rows or session.max_batch
         self.bucket = session.acquire(self.rows, slots or session.max_length)  # held for the batcher's life
         self.rows, self.slots = self.bucket.batch, self.bucket.slots  # as the session rounded them
@@ -79,7 +78,7 @@ class ContinuousBatcher:
             self.prefixes[size] = session.row_prefix(self.bucket, size)
             size *= 2
         self.warmup_seconds = 0.0
-        if prefill and self.shape_buckets and session.on_cuda:
+        if prefill and session.shape_buckets and session.on_cuda:
             self._warm_prefill_shapes()
         self.owner: list[_Request | None] = [None] * self.rows
         self.position = np.zeros(self.rows, np.int64)  # tokens each row holds in the cache
@@ -264,7 +263,7 @@ class ContinuousBatcher:
             try:
                 logits, greedy = self.session.prefill_rows(
                     self.bucket, first, [r.prompts[i] for _, r, i in run] + [[pad]] * filler, pad,
-                    self._width(max(len(r.prompts[i]) for _, r, i in run)))
+                    self.session.prefill_width(max(len(r.prompts[i]) for _, r, i in run), self.slots))
             except Exception as exc:  # noqa: BLE001 - the run's requests get the error, the others go on
                 logger.exception("continuous batch prefill failed")
                 for request in {r for _, r, _ in run}:
@@ -286,7 +285,7 @@ class ContinuousBatcher:
         """(first row, entries, free filler rows) per prefill call for a run of adjacent rows. With shape buckets a
         call covers a power-of-two count of rows: the free rows after a run fill it up where there are enough
         (they get a junk token in slot 0, as free rows do in every step), otherwise the run is split."""
-        if not self.shape_buckets:
+        if not self.session.shape_buckets:
             return [(run[0][0], run, 0)]
         first, count = run[0][0], len(run)
         end = first + (1 << (count - 1).bit_length())
@@ -299,16 +298,12 @@ class ContinuousBatcher:
             at += size
         return calls
 
-    def _width(self, longest: int) -> int:
-        """The padded prompt width of a prefill: with shape buckets a power of two (at least 16) below the slots."""
-        return bucket_width(longest, self.slots) if self.shape_buckets else longest
-
     def _warm_prefill_shapes(self) -> None:
         """Run every (rows, width) prefill shape once, before any request: on the CUDA EP ONNX Runtime spends
         80-150 ms on the first run of each new input shape (H200), which would otherwise stall every decoding
         row the first time an arrival has that shape. The junk goes into rows nobody holds yet."""
         started = time.perf_counter()
-        widths = sorted({self._width(min(1 << e, self.slots - 1)) for e in range(self.slots.bit_length())})
+        widths = sorted({bucket_width(min(1 << e, self.slots - 1), self.slots) for e in range(self.slots.bit_length())})
         rows, shapes = 1, 0
         while rows <= self.rows:
             for width in widths:

@@ -97,10 +97,7 @@ class _Bucket:
 
     def prefill_binding(self, session, feeds: dict[str, np.ndarray]):
         """A binding for a prefill: host inputs; the first decode step's inputs land in set 0."""
-        binding = session.session.io_binding()
-        for name, value in feeds.items():
-            if name in session.input_names:
-                binding.bind_cpu_input(name, value)
+        binding = session.feed_binding(feeds)
         self._bind_outputs(session, binding, self.sets[0])
         self.current = 0
         return binding
@@ -228,10 +225,7 @@ class StaticDecoderSession:
             raise ValueError(f"rows {first_row}..{first_row + count - 1} are outside the bucket's {bucket.batch}")
         feeds, _ = _prefill_feeds(prompts, count, bucket.slots, pad_id, width)
         kind, device_id = self.device
-        binding = self.session.io_binding()
-        for name, value in feeds.items():
-            if name in self.input_names:
-                binding.bind_cpu_input(name, value)
+        binding = self.feed_binding(feeds)
         binding.bind_output("logits", kind, device_id)  # ORT allocates these two: outputs 0 and 1
         binding.bind_output("next_token", kind, device_id)
         self.bind_cache(binding, bucket, first_row, count)
@@ -242,6 +236,14 @@ class StaticDecoderSession:
             self.session.run_with_iobinding(binding, self._uncaptured)
             logits, tokens = binding.get_outputs()[:2]
             return logits.numpy(), tokens.numpy()
+
+    def feed_binding(self, feeds: dict[str, np.ndarray]):
+        """A new IO binding with the graph's inputs among `feeds` bound from host memory."""
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            if name in self.input_names:
+                binding.bind_cpu_input(name, value)
+        return binding
 
     def bind_cache(self, binding, bucket: _Bucket, first_row: int, rows: int) -> None:
         """Bind rows first_row .. first_row + rows - 1 of a bucket's KV buffers as both past and present (GQA

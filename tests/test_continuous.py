@@ -199,11 +199,11 @@ def test_shape_buckets_pad_prefills_to_power_of_two_rows_and_widths(tiny):
     first, second = default_prompts(model)
     prompts = [first, second, first[:5]]
     expected = [transformers_greedy(model, [p], 12, 0)[0] for p in prompts]
-    batcher = ContinuousBatcher(StaticDecoderSession(path, session_options=one_thread(), max_batch=4, min_slots=16),
-                                slots=64, shape_buckets=True)
+    session = StaticDecoderSession(path, session_options=one_thread(), max_batch=4, min_slots=16, shape_buckets=True)
+    batcher = ContinuousBatcher(session, slots=64)
     try:
         batcher._warm_prefill_shapes()  # run on CUDA only; here it proves the junk it writes does no harm
-        assert [batcher._width(n) for n in (2, 16, 17, 40)] == [16, 16, 32, 63]
+        assert [session.prefill_width(n, batcher.slots) for n in (2, 16, 17, 40)] == [16, 16, 32, 63]
         assert batcher._calls([(0, None, 0)] * 3) == [(0, [(0, None, 0)] * 3, 1)]
         got = collect(batcher.generate(prompts, GREEDY), 3)
         assert got == expected and batcher.prefills_run == 1  # one call: rows 0-2 and free row 3
