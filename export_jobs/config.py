@@ -73,7 +73,10 @@ class ServingOptions(BaseModel):
                               "(rows, width) bucket, where the graph allows it (fused exports).")
     continuous_batching: bool = Field(False, description="Generation on a static-cache decoder (optimize: fused, "
                                       "fp16, int8, int4): all requests of a replica share one KV bucket and one "
-                                      "decode step (serve_app.continuous); prompts are fed one token per step.")
+                                      "decode step (serve_app.continuous).")
+    stream_interval_s: float = Field(0.02, ge=0.0, le=1.0, description="Generation: the least time between two "
+                                     "streamed chunks after the first, which goes at once; a chunk carries every "
+                                     "token of its interval. 0: one chunk per decode step.")
 
 
 class ModelConfig(BaseModel):

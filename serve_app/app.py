@@ -109,7 +109,8 @@ def build(app_config: AppConfig, entries: dict[str, manifest.ManifestEntry]) -> 
 
             opts = deployment_options(cfg, f"generate-{cfg.id}")
             generators[cfg.id] = Generator.options(**opts).bind(entry.model_dump(mode="json"), root,
-                                                               cfg.serving.num_cpus, cfg.serving.continuous_batching)
+                                                               cfg.serving.num_cpus, cfg.serving.continuous_batching,
+                                                               cfg.serving.stream_interval_s)
     actor = {"num_cpus": cpus, **({"num_gpus": gpus} if gpus else {})}
     ingress = Ingress.options(num_replicas=server.ingress_replicas, max_ongoing_requests=server.max_ongoing_requests,
                               max_queued_requests=server.max_queued_requests, ray_actor_options=actor)

@@ -31,10 +31,13 @@ def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def sse(model: str, steps: AsyncIterator[list], chat: bool) -> AsyncIterator[str]:
-    """One SSE event per decode step and choice, then ``data: [DONE]``. An error mid-stream becomes a
-    final error event (the status line is already sent)."""
+async def sse(model: str, steps: AsyncIterator[list], chat: bool, prompt_tokens: int | None = None) -> AsyncIterator[str]:
+    """One SSE event per streamed item (textgen.steps: the first token, then every stream interval) and choice,
+    then ``data: [DONE]``. ``prompt_tokens`` given (``stream_options.include_usage``): a last chunk with no
+    choices carries the usage, as OpenAI's does. An error mid-stream becomes a final error event (the status
+    line is already sent)."""
     ident, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
+    completion_tokens = 0
     kind = "chat.completion.chunk" if chat else "text_completion"
     if chat:
         yield _event({"id": ident, "object": kind, "created": created, "model": model,
@@ -42,6 +45,7 @@ async def sse(model: str, steps: AsyncIterator[list], chat: bool) -> AsyncIterat
     try:
         async for deltas in steps:
             for d in deltas:
+                completion_tokens += d.tokens  # set once per choice, on its last delta
                 choice = ({"index": d.index, "delta": {"content": d.text} if d.text else {},
                            "finish_reason": d.finish_reason} if chat else
                           {"index": d.index, "text": d.text, "finish_reason": d.finish_reason, "logprobs": None})
@@ -49,4 +53,9 @@ async def sse(model: str, steps: AsyncIterator[list], chat: bool) -> AsyncIterat
     except Exception as exc:  # noqa: BLE001 - reported to the client in the stream's own format
         mapped = translate(exc) or ServeError("internal server error")
         yield _event(error_body(mapped.message, mapped.type, mapped.param, mapped.code))
+    else:
+        if prompt_tokens is not None:
+            yield _event({"id": ident, "object": kind, "created": created, "model": model, "choices": [],
+                          "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                    "total_tokens": prompt_tokens + completion_tokens}})
     yield "data: [DONE]\n\n"

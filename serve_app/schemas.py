@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
 
 class EmbeddingRequest(BaseModel):
@@ -60,6 +60,12 @@ class Health(BaseModel):
     models: dict[str, bool] = Field(default_factory=dict)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(False, description="A last chunk before [DONE] with no choices and the usage.")
+
+
 class _Sampling(BaseModel):
     """Fields shared by completions and chat completions."""
 
@@ -72,8 +78,16 @@ class _Sampling(BaseModel):
     stop: StrictStr | list[StrictStr] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
     user: StrictStr | None = Field(None, max_length=256)
+
+    @field_validator("stream_options")
+    @classmethod
+    def _options_need_stream(cls, value, info):
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed with stream: true")
+        return value
 
     def stops(self) -> list[str]:
         return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)

@@ -4,9 +4,11 @@ No Ray and no HTTP here. The decode loops live in generation.py and static_gener
 """
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, TypeVar
 
 from tokenizers import Tokenizer
 
@@ -20,6 +22,7 @@ from .generation import DecoderSession, SamplingParams, generate
 from .runtime import providers, session_options
 from .static_generation import StaticDecoderSession, generate_static
 
+T = TypeVar("T")
 STATIC_MAX_BATCH = 32  # prompts per request on the static-cache graph (one KV buffer per batch bucket)
 
 
@@ -44,8 +47,12 @@ class Delta:
 
 class TextGenerator:
     def __init__(self, entry: ManifestEntry, root: str | Path, *, use_gpu: bool = False, threads: int | None = None,
-                 continuous: bool = False):
-        """continuous: requests share one KV bucket and one decode step (serve_app.continuous; static graphs)."""
+                 continuous: bool = False, stream_interval_s: float = 0.0):
+        """continuous: requests share one KV bucket and one decode step (serve_app.continuous; static graphs).
+        stream_interval_s: the least time between two items of `steps` after the first (0: one per step)."""
+        self.stream_interval_s = stream_interval_s
+        self.decode_steps = 0  # steps all requests have read: shows that a cancelled stream stops
+        self._count_lock = threading.Lock()
         directory = entry.dir_path(root)
         meta = entry.metadata
         self.model_id, self.context = entry.id, int(entry.max_length or 2048)
@@ -99,25 +106,56 @@ class TextGenerator:
         return Prepared(tuple(encoded), params, tuple(stop))
 
     def steps(self, prepared: Prepared) -> Iterator[list[Delta]]:
-        """Yield, per decode step, the text each prompt gained (and why it finished, when it did)."""
+        """Yield the text each prompt gained (and why it finished, when it did), at most one Delta per prompt and
+        item. The first step is an item of its own; after it an item covers the steps of `stream_interval_s`,
+        so the hops each item takes (a thread, Serve's stream, an SSE event) are paid per interval, not per
+        token: with 32 streams at about 500 steps/s each, per-step items were more than a replica's event loop
+        could hand on (see BENCHMARKS.md)."""
         decoders = [IncrementalDecoder(self.tokenizer, prompt_ids=p) for p in prepared.prompts]
         matchers = [StopStringMatcher(prepared.stop) for _ in prepared.prompts]
         finished = [False] * len(prepared.prompts)
         counts = [0] * len(prepared.prompts)
-        for step in self._generate(self.session, prepared.prompts, prepared.params, self.pad_id):
-            deltas = []
-            for row, (token, reason) in enumerate(zip(step.token_ids, step.finish_reasons)):
-                if finished[row] or token is None:
-                    continue
-                counts[row] += 1
-                text, stopped = matchers[row].push(decoders[row].push(token))
-                if reason is not None and not stopped:
-                    text += matchers[row].push(decoders[row].flush())[0] + matchers[row].flush()
-                if stopped:
-                    reason = "stop"
-                if text or reason:
-                    deltas.append(Delta(row, text, reason, counts[row] if reason else 0))
-                finished[row] = reason is not None
-            yield deltas
+        steps = self._generate(self.session, prepared.prompts, prepared.params, self.pad_id)
+        for chunk in chunked(steps, self.stream_interval_s):
+            with self._count_lock:
+                self.decode_steps += len(chunk)
+            texts: dict[int, str] = {}  # prompt -> text gained in this chunk, in order of first appearance
+            reasons: dict[int, str] = {}
+            for step in chunk:
+                for row, (token, reason) in enumerate(zip(step.token_ids, step.finish_reasons)):
+                    if finished[row] or token is None:
+                        continue
+                    counts[row] += 1
+                    text, stopped = matchers[row].push(decoders[row].push(token))
+                    if reason is not None and not stopped:
+                        text += matchers[row].push(decoders[row].flush())[0] + matchers[row].flush()
+                    if stopped:
+                        reason = "stop"
+                    if text or reason:
+                        texts[row] = texts.get(row, "") + text
+                    if reason is not None:
+                        reasons[row] = reason
+                    finished[row] = reason is not None
+            yield [Delta(row, text, reasons.get(row), counts[row] if row in reasons else 0)
+                   for row, text in texts.items()]
             if all(finished):
                 return
+
+
+def chunked(steps: Iterator[T], interval_s: float) -> Iterator[list[T]]:
+    """Group steps so that items go out at most every `interval_s`: the first step alone (the first token is not
+    held back), then everything that arrived until `interval_s` after the previous item, and the rest at the end.
+    A step is never held for longer than the interval plus one step."""
+    chunk: list[T] = []
+    last = None
+    try:
+        for step in steps:
+            chunk.append(step)
+            now = time.monotonic()
+            if last is None or now - last >= interval_s:
+                yield chunk
+                chunk, last = [], now
+        if chunk:
+            yield chunk
+    finally:  # a reader that stops early stops the steps now (a batcher frees the request's rows)
+        getattr(steps, "close", lambda: None)()

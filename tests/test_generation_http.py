@@ -17,6 +17,7 @@ MODEL = "tiny-gpt2"
 LONG = "tiny-gpt2-long"  # 4096 positions: long enough to disconnect mid-stream
 BATCHED = "tiny-gpt2-batched"  # the same weights as MODEL, served with continuous batching
 LONG_BATCHED = "tiny-gpt2-long-batched"  # LONG's weights, static graph, continuous batching (1024-token rows)
+CHUNKED = "tiny-gpt2-chunked"  # MODEL's weights, continuous batching, a 1 s stream interval: 2 chunks for 20 tokens
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
@@ -51,14 +52,18 @@ def server(serve_url, tiny_lm, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("art-gen")
     # the `fused` speed option: served through the static-cache GQA graph (the long model: the dynamic one)
-    cfg = ModelConfig(id=MODEL, source=str(tiny_lm[0]), task="generation", optimize="fused")
+    cfg = ModelConfig(id=MODEL, source=str(tiny_lm[0]), task="generation", optimize="fused",
+                      serving={"stream_interval_s": 0})  # a chunk per decode step
     long_dir = _make_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2-long"), 4096)[0]
     long_cfg = ModelConfig(id=LONG, source=str(long_dir), task="generation")
     batched_cfg = ModelConfig(id=BATCHED, source=str(tiny_lm[0]), task="generation", optimize="fused",
                               serving={"continuous_batching": True})
     long_batched_cfg = ModelConfig(id=LONG_BATCHED, source=str(long_dir), task="generation", optimize="fused",
                                    serving={"continuous_batching": True})
-    for c in (cfg, long_cfg, batched_cfg, long_batched_cfg):
+    chunked_cfg = ModelConfig(id=CHUNKED, source=str(tiny_lm[0]), task="generation", optimize="fused",
+                              serving={"continuous_batching": True, "stream_interval_s": 1})
+    models = (cfg, long_cfg, batched_cfg, long_batched_cfg, chunked_cfg)
+    for c in models:
         manifest.commit(root, export_one(c, root))
     entry = manifest.load(root)[MODEL]
     static = entry.metadata["static_decoder"]
@@ -69,7 +74,7 @@ def server(serve_url, tiny_lm, tmp_path_factory):
     assert entry.parity.max_abs_diff == static["parity"]["logits_max_abs_diff"] <= entry.parity.tolerance
     assert "static_decoder" not in manifest.load(root)[LONG].metadata
     app = build(AppConfig(project=ProjectConfig(artifacts=str(root),
-                                                models=(cfg, long_cfg, batched_cfg, long_batched_cfg)),
+                                                models=models),
                           server=ServerSettings(max_tokens_limit=4000)), manifest.load(root))
     serve.run(app, name="gen", route_prefix="/")
     yield serve_url
@@ -108,6 +113,33 @@ def test_streaming_equals_non_streaming(server):
     chunks = list(client.completions.create(stream=True, **kwargs))
     assert "".join(c.choices[0].text for c in chunks) == whole
     assert chunks[-1].choices[0].finish_reason == "length" and len(chunks) > 2
+
+
+def _stream_events(server, body) -> list[dict]:
+    with httpx.stream("POST", f"{server}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+@pytest.mark.parametrize("model", [MODEL, CHUNKED])
+def test_stream_interval_groups_tokens_and_usage_counts_them(server, model):
+    """With a stream interval the first token goes alone and the rest of the interval's tokens share a chunk (1 s
+    here: the rest of the stream); without one, a chunk per token. The text is the non-streamed text either way,
+    and stream_options.include_usage adds OpenAI's last chunk with the usage."""
+    body = {"model": model, "prompt": "Once upon a time", "max_tokens": 20, "temperature": 0}
+    whole = httpx.post(f"{server}/v1/completions", json=body, timeout=60).json()
+    events = _stream_events(server, {**body, "stream_options": {"include_usage": True}})
+    *chunks, last = events
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert last["choices"] == [] and last["usage"] == whole["usage"] and last["usage"]["completion_tokens"] == 20
+    if model == CHUNKED:
+        assert len(chunks) == 2 and chunks[0]["choices"][0]["text"]  # the first token, then the other 19
+    else:
+        assert len(chunks) > 10  # one per token (a token that ends inside a UTF-8 character waits for the next)
+    assert "usage" not in _stream_events(server, body)[-1]  # no usage chunk unless asked for
 
 
 def test_sse_wire_format_ends_with_done(server):
@@ -150,6 +182,8 @@ def test_seeded_sampling_is_reproducible(server):
     ({"n": 2}, 400, "n"),
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"model": "nope"}, 404, "model"),
+    ({"stream_options": {"include_usage": True}}, 400, "stream_options"),  # without stream: true
+    ({"stream": True, "stream_options": {"usage": True}}, 400, "stream_options"),
     ({"prompt": "word " * 130}, 400, "prompt"),
     ({"prompt": "word " * 70, "max_tokens": 64}, 400, "prompt"),
 ])

@@ -1,4 +1,4 @@
-"""Generation deployment: one ONNX Runtime decoder session per replica; streams text per decode step."""
+"""Generation deployment: one ONNX Runtime decoder session per replica; streams text in chunks (textgen.steps)."""
 from __future__ import annotations
 
 import asyncio
@@ -17,19 +17,19 @@ _DONE = object()
 
 @serve.deployment(name="Generator")
 class Generator:
-    def __init__(self, entry: dict[str, Any], root: str, num_cpus: float = 1.0, continuous: bool = False):
+    def __init__(self, entry: dict[str, Any], root: str, num_cpus: float = 1.0, continuous: bool = False,
+                 stream_interval_s: float = 0.0):
         parsed = manifest.ManifestEntry.model_validate(entry)
         manifest.verify(root, parsed)
         self.model_id = parsed.id
         self.runtime = TextGenerator(parsed, root, use_gpu=bool(ray.get_gpu_ids()), threads=int(max(1, num_cpus)),
-                                     continuous=continuous)
+                                     continuous=continuous, stream_interval_s=stream_interval_s)
         # Each stream's next step runs in this pool. With continuous batching a stream's thread only waits for the
         # batcher's next step, so there is one thread per row (a pool of cpus + 4 would cap the batch there).
         batcher = self.runtime.batcher
         self._steps_pool = concurrent.futures.ThreadPoolExecutor(
             batcher.rows + 4 if batcher is not None else None, thread_name_prefix="stream")
         self.active_streams = 0
-        self.decode_steps = 0  # all decode steps this replica ran: shows that cancelled streams stop
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Batch settings belong to embedders; generators accept and ignore them."""
@@ -42,7 +42,8 @@ class Generator:
         return self.runtime.prepare(prompts or [], **params)
 
     async def stream(self, prepared: Prepared) -> AsyncIterator[list[Delta]]:
-        """Async generator: each decode step runs in a thread; a cancelled caller stops the loop."""
+        """Async generator: each item of `runtime.steps` (the first token, then a stream interval's tokens) is
+        awaited from a thread; a cancelled caller stops the loop."""
         steps = self.runtime.steps(prepared)
         self.active_streams += 1
         running = None
@@ -51,7 +52,6 @@ class Generator:
                 running = self._steps_pool.submit(next, steps, _DONE)
                 if (deltas := await asyncio.wrap_future(running)) is _DONE:
                     break
-                self.decode_steps += 1
                 if deltas:
                     yield deltas
         finally:
@@ -78,7 +78,7 @@ class Generator:
     def info(self) -> dict[str, Any]:
         batcher = self.runtime.batcher
         return {"id": self.model_id, "context": self.runtime.context, "active_streams": self.active_streams,
-                "decode_steps": self.decode_steps,
+                "decode_steps": self.runtime.decode_steps,
                 "batched_steps": batcher.steps_run if batcher is not None else None,
                 "batched_rows": batcher.active_rows if batcher is not None else None,
                 # rows the steps ran (each over the smallest prefix holding the active rows), prefill calls

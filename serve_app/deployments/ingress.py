@@ -136,13 +136,16 @@ class Ingress:
         if len(stops) > 4:
             raise InvalidRequest("at most 4 stop strings", "stop")
 
-    async def _generate(self, model: str, stream: bool, chat: bool, prompts, messages, **params):
+    async def _generate(self, request: CompletionRequest | ChatCompletionRequest, chat: bool, prompts, messages,
+                        **params):
+        model = request.model
         handle = self._handle(self.generators, model, "generation")
         prepared = await self._call(lambda: handle.prepare.remote(prompts, messages, **params), retry=True)
-        if stream:
+        if request.stream:
             steps = handle.options(stream=True).stream.remote(prepared)
-            return StreamingResponse(openai_format.sse(model, steps, chat), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            usage = request.stream_options is not None and request.stream_options.include_usage
+            return StreamingResponse(openai_format.sse(model, steps, chat, prepared.prompt_tokens if usage else None),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         result = await self._call(lambda: handle.complete.remote(prepared))
         return JSONResponse(openai_format.completion(model, result, chat))
 
@@ -151,7 +154,7 @@ class Ingress:
         prompts = request.prompts()
         self._check_texts(prompts, "prompt")
         self._check_generation(request.max_tokens, request.stops())
-        return await self._generate(request.model, request.stream, False, prompts, None,
+        return await self._generate(request, False, prompts, None,
                                     max_tokens=request.max_tokens, **request.sampling())
 
     @api.post("/v1/chat/completions", responses={200: {"description": "chat.completion, or SSE chunks if stream"}})
@@ -159,7 +162,7 @@ class Ingress:
         messages = [m.model_dump() for m in request.messages]
         self._check_texts([m["content"] or " " for m in messages], "messages")
         self._check_generation(request.token_budget(), request.stops())
-        return await self._generate(request.model, request.stream, True, None, messages,
+        return await self._generate(request, True, None, messages,
                                     max_tokens=request.token_budget(), **request.sampling())
 
     @api.get("/v1/models", response_model=ModelList)
