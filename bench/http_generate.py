@@ -12,6 +12,9 @@ Settings ("variants"):
   step     - continuous batching, a chunk per decode step (stream_interval_s 0)
   chunked  - continuous batching, the default stream_interval_s (0.02): the first token alone, then a chunk per
              20 ms
+  chunked50 - the same with stream_interval_s 0.05
+
+--throughput starts Ray with Serve's throughput mode (RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1).
 
     python bench/http_generate.py --gpu                  # GPU host: SmolLM2 optimize fp16, num_gpus 0.5
     python bench/http_generate.py --users 4 --max-tokens 16 --variants step chunked   # CPU (int8), small
@@ -38,7 +41,8 @@ TOPICS = ["a lighthouse keeper", "the history of bread", "a robot learning to pa
           "a city under the sea", "how rivers form", "a chess tournament", "the first winter on Mars"]
 VARIANTS = {"own": {"continuous_batching": False, "stream_interval_s": 0.0},
             "step": {"continuous_batching": True, "stream_interval_s": 0.0},
-            "chunked": {"continuous_batching": True}}
+            "chunked": {"continuous_batching": True},
+            "chunked50": {"continuous_batching": True, "stream_interval_s": 0.05}}
 
 
 def model_config(source: str, optimize: str, gpus: float, variant: str):
@@ -98,7 +102,10 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--artifacts", default="artifacts/http_generate")
+    ap.add_argument("--throughput", action="store_true", help="Serve's throughput mode (read when Ray starts)")
     args = ap.parse_args()
+    if args.throughput:
+        os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_THROUGHPUT_OPTIMIZED="1")
     optimize = args.optimize or ("fp16" if args.gpu else "int8")
     gpus = 0.5 if args.gpu else 0.0
 
@@ -126,7 +133,7 @@ def main() -> None:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    result = {"model": MODEL, "optimize": optimize, "gpu": args.gpu, "users": args.users,
+    result = {"model": MODEL, "optimize": optimize, "gpu": args.gpu, "users": args.users, "throughput": args.throughput,
               "max_tokens": args.max_tokens, "parity": entry.parity.model_dump(), "rows": []}
     for variant in args.variants:
         cfg = model_config(args.source, optimize, gpus, variant)
@@ -144,11 +151,11 @@ def main() -> None:
                    batched_steps=(after["batched_steps"] or 0) - (before["batched_steps"] or 0))
         print(json.dumps(row), flush=True)
         result["rows"].append(row)
-        (OUT / "http_generate.json").write_text(json.dumps(result, indent=1))
+        (OUT / f"http_generate{'_throughput' if args.throughput else ''}.json").write_text(json.dumps(result, indent=1))
         serve.delete(variant)
     serve.shutdown()
     ray.shutdown()
-    print(f"\n{MODEL} ({optimize}, {'GPU' if args.gpu else 'CPU'}), {args.users} concurrent streamed chat completions, "
+    print(f"\n{MODEL} ({optimize}, {'GPU' if args.gpu else 'CPU'}, Serve {'throughput' if args.throughput else 'default'} mode), {args.users} concurrent streamed chat completions, "
           f"max_tokens {args.max_tokens}, greedy")
     print(table([(r["variant"], r["stream_interval_s"], f"{r['tok_s']:.0f}", f"{r['ttft_p50_ms']:.0f}",
                   f"{r['ttft_p99_ms']:.0f}", f"{r['total_p50_s']:.2f}", f"{r['total_max_s']:.2f}",

@@ -19,7 +19,9 @@ lone request), a burst of arrivals at once, a long prompt; a short prompt joinin
 Each request keeps its own sampling state (seeded rng, min_tokens, stop tokens); greedy rows take the token
 the graph picked on the device, so only sampling rows read logits back. Steps are pushed to each request's
 queue; a request whose reader is MAX_AHEAD steps behind pauses (its rows rewrite their last cache slot with
-the token already there), so a slow reader buffers little and a vanished one stops soon after it is noticed.
+the token already there), so a slow reader buffers little and a vanished one stops soon after it is noticed. A
+reader may ask for its steps in lists, one per interval (`stream`), and sleep in between: then it counts as behind
+only once it is late for its next read.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ from .static_generation import StaticDecoderSession, bucket_width
 logger = logging.getLogger("serve_app")
 # cache slots per row of a served batcher (its context): 32 rows of GPT-Neo 1.3B in float16 take 6.4 GB
 CONTINUOUS_SLOTS = 1024
-MAX_AHEAD = 8  # steps a request may have waiting for its reader before its rows pause
+MAX_AHEAD = 8  # steps a request may have waiting for a late reader before its rows pause
+READ_SLACK_S = 0.05  # how late a reader may be beyond its interval before it counts as late
 
 
 class _Request:
@@ -54,6 +57,8 @@ class _Request:
         self.generated = [0] * len(prompts)
         self.reasons: list[str | None] = [None] * len(prompts)
         self.out: queue.Queue = queue.Queue()  # StepOutput, an exception, or None at the end
+        self.interval_s = 0.0  # how long its reader sleeps between reads (stream)
+        self.read_at = 0.0  # time.monotonic() of the reader's last read; 0: none yet
         self.step = 0
         self.cancelled = False
 
@@ -103,6 +108,15 @@ class ContinuousBatcher:
     def generate(self, prompts_token_ids: Sequence[Sequence[int]], params: SamplingParams,
                  pad_token_id: int | None = None) -> Iterator[StepOutput]:
         """Yield this request's steps (a step where none of its rows produced a token is skipped)."""
+        for steps in self.stream(prompts_token_ids, params, pad_token_id):
+            yield from steps
+
+    def stream(self, prompts_token_ids: Sequence[Sequence[int]], params: SamplingParams,
+               pad_token_id: int | None = None, interval_s: float = 0.0) -> Iterator[list[StepOutput]]:
+        """This request's steps in lists: the first step alone, then every step that is ready once `interval_s`
+        has passed since the previous list (at least one). The reader sleeps between lists instead of waking at
+        every step: with 32 readers each woken per step, a 32-row step of a tiny model took 4.8 ms on the 2-core
+        box instead of 0.44 ms alone."""
         if not prompts_token_ids or any(len(p) == 0 for p in prompts_token_ids):
             raise ValueError("every prompt needs at least one token")
         if len(prompts_token_ids) > self.rows:
@@ -117,11 +131,24 @@ class ContinuousBatcher:
                 raise RuntimeError("the batcher is closed")
             self._pending.append(request)
             self._cv.notify()
+        request.interval_s = interval_s
         try:
-            while (item := request.out.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            while True:
+                if interval_s and request.read_at:
+                    time.sleep(max(0.0, request.read_at + interval_s - time.monotonic()))
+                items = [request.out.get()]
+                while isinstance(items[-1], StepOutput):
+                    try:
+                        items.append(request.out.get_nowait())
+                    except queue.Empty:
+                        break
+                request.read_at = time.monotonic()
+                if steps := [item for item in items if isinstance(item, StepOutput)]:
+                    yield steps
+                if items[-1] is None:
+                    return
+                if isinstance(items[-1], BaseException):
+                    raise items[-1]
         finally:  # finished, or the caller stopped early: its rows are freed before the next step
             request.cancelled = True
 
@@ -182,7 +209,7 @@ class ContinuousBatcher:
         advancing: set[_Request] = set()
         for request in self._active():
             rows = [(i, row) for i, row in enumerate(request.rows) if self.owner[row] is request]
-            if request.out.qsize() >= MAX_AHEAD and all(self.position[row] > 0 for _, row in rows):
+            if self._reader_behind(request) and all(self.position[row] > 0 for _, row in rows):
                 # its reader is behind: each row rewrites its last cache slot with the token already there
                 # (the same keys and values), so it waits without growing the reader's queue
                 for i, row in rows:
@@ -233,6 +260,13 @@ class ContinuousBatcher:
                 producing.append(i)
             if producing:
                 self._produce(request, producing, greedy, read_logits)
+
+    @staticmethod
+    def _reader_behind(request: _Request) -> bool:
+        """MAX_AHEAD steps wait for a reader that is late: it has not read for longer than its interval plus
+        READ_SLACK_S (a reader on time sleeps through its interval while steps queue up)."""
+        return (request.out.qsize() >= MAX_AHEAD
+                and time.monotonic() - request.read_at > request.interval_s + READ_SLACK_S)
 
     def _prefill_new(self) -> None:
         """Prefill the prompts of admitted rows with nothing in the cache yet, one call per run of adjacent

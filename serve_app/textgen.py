@@ -65,7 +65,7 @@ class TextGenerator:
             if continuous:  # one bucket of STATIC_MAX_BATCH rows; a request's prompt + max_tokens must fit a row
                 self.batcher = ContinuousBatcher(self.session, slots=min(self.context, CONTINUOUS_SLOTS))
                 self.context = self.batcher.slots
-                self._generate = lambda _session, prompts, params, pad: self.batcher.generate(prompts, params, pad)
+                self._generate = None  # steps() reads the batcher's stream
         else:
             self.session = DecoderSession(entry.model_path(root), meta["decoder"], providers=providers(use_gpu),
                                           session_options=session_options(threads))
@@ -115,8 +115,12 @@ class TextGenerator:
         matchers = [StopStringMatcher(prepared.stop) for _ in prepared.prompts]
         finished = [False] * len(prepared.prompts)
         counts = [0] * len(prepared.prompts)
-        steps = self._generate(self.session, prepared.prompts, prepared.params, self.pad_id)
-        for chunk in chunked(steps, self.stream_interval_s):
+        if self.batcher is not None:  # its reader sleeps through each interval
+            chunks = self.batcher.stream(prepared.prompts, prepared.params, self.pad_id, self.stream_interval_s)
+        else:  # the loop computes each step when asked for it
+            chunks = chunked(self._generate(self.session, prepared.prompts, prepared.params, self.pad_id),
+                             self.stream_interval_s)
+        for chunk in chunks:
             with self._count_lock:
                 self.decode_steps += len(chunk)
             texts: dict[int, str] = {}  # prompt -> text gained in this chunk, in order of first appearance

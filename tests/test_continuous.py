@@ -81,26 +81,44 @@ def test_more_requests_than_rows_wait_for_free_rows_and_a_request_may_join_mid_f
         batcher.close()
 
 
-def test_a_slow_reader_pauses_its_rows_and_then_gets_the_same_tokens(tiny):
+def test_a_slow_reader_pauses_its_rows_and_then_gets_the_same_tokens(tiny, monkeypatch):
     """The batcher runs at most MAX_AHEAD steps ahead of a request's reader; a paused row rewrites its last
     cache slot, so the tokens after the pause are the ones it writes unpaused."""
     import time
 
-    from serve_app.continuous import MAX_AHEAD
+    from serve_app import continuous
 
     model, path = tiny
     prompt = default_prompts(model)[0]
+    # a reader counts as late once it is READ_SLACK_S past its interval; at 0 s it is late at once, so this tiny
+    # model's 40 steps cannot all run before the pause (they take about 20 ms)
+    monkeypatch.setattr(continuous, "READ_SLACK_S", 0.0)
     batcher = _batcher(path, rows=2)
     try:
         steps = batcher.generate([prompt], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
         first = next(steps).token_ids[0]
         time.sleep(0.5)  # the reader is away: the row pauses instead of running to 40 tokens
-        assert batcher.steps_run <= len(prompt) + MAX_AHEAD + 1
+        assert batcher.steps_run <= len(prompt) + continuous.MAX_AHEAD + 1
         other = collect(batcher.generate([default_prompts(model)[1]], GREEDY), 1)[0]  # runs beside the paused row
         assert other == transformers_greedy(model, [default_prompts(model)[1]], 12, 0)[0]
         assert [first] + collect(steps, 1)[0] == transformers_greedy(model, [prompt], 40, 0)[0]
     finally:
         batcher.close()
+
+
+def test_an_interval_reader_gets_lists_of_steps_and_is_not_paused(tiny):
+    """stream(interval_s): the first step alone, then what queued while the reader slept; on time, it is never
+    taken for a late reader, so its row runs on and the tokens are transformers' own."""
+    model, path = tiny
+    prompt = default_prompts(model)[0]
+    batcher = _batcher(path, rows=2)
+    try:
+        lists = list(batcher.stream([prompt], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+                                    interval_s=0.01))
+    finally:
+        batcher.close()
+    assert len(lists[0]) == 1 and len(lists) < 20
+    assert [s.token_ids[0] for steps in lists for s in steps] == transformers_greedy(model, [prompt], 40, 0)[0]
 
 
 def test_a_cancelled_request_frees_its_rows(tiny):
