@@ -93,6 +93,12 @@ async def load(url: str, users: int, max_tokens: int) -> dict:
             "alone_s": alone["total_s"], "alone_ttft_ms": 1000 * alone["ttft_s"], "alone_tokens": alone["tokens"]}
 
 
+async def measure(generator, url: str, users: int, max_tokens: int) -> tuple[dict, dict, dict]:
+    before = await generator.info.remote()
+    row = await load(url, users, max_tokens)
+    return before, row, await generator.info.remote()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpu", action="store_true", help="num_gpus 0.5 and optimize fp16 (the GPU config)")
@@ -135,6 +141,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     result = {"model": MODEL, "optimize": optimize, "gpu": args.gpu, "users": args.users, "throughput": args.throughput,
               "max_tokens": args.max_tokens, "parity": entry.parity.model_dump(), "rows": []}
+    loop = asyncio.new_event_loop()  # one loop: throughput mode's handles work inside a running loop only
     for variant in args.variants:
         cfg = model_config(args.source, optimize, gpus, variant)
         app = build(AppConfig(project=ProjectConfig(artifacts=root, models=(cfg,)), server=ServerSettings()),
@@ -143,9 +150,7 @@ def main() -> None:
         serve.run(app, name=variant, route_prefix="/")
         up = time.perf_counter() - started
         generator = serve.get_deployment_handle(f"generate-{MODEL}", app_name=variant)
-        before = generator.info.remote().result()
-        row = asyncio.run(load(url, args.users, args.max_tokens))
-        after = generator.info.remote().result()
+        before, row, after = loop.run_until_complete(measure(generator, url, args.users, args.max_tokens))
         row.update(variant=variant, app_up_s=up, stream_interval_s=cfg.serving.stream_interval_s,
                    decode_steps=after["decode_steps"] - before["decode_steps"],
                    batched_steps=(after["batched_steps"] or 0) - (before["batched_steps"] or 0))
