@@ -41,7 +41,20 @@ class Generator:
             params.setdefault("add_special_tokens", False)  # the template already holds BOS
         return self.runtime.prepare(prompts or [], **params)
 
-    async def stream(self, prepared: Prepared) -> AsyncIterator[list[Delta]]:
+    async def stream(self, prompts: list[str] | None, messages: list[dict[str, str]] | None,
+                     **params) -> AsyncIterator[int | list[Delta]]:
+        """One call per streamed request: the first item is the prompt's token count once the request is checked
+        (a bad request raises before it, so the caller can still answer 4xx), then the text items."""
+        prepared = self.prepare(prompts, messages, **params)
+        yield prepared.prompt_tokens
+        items = self._deltas(prepared)
+        try:
+            async for deltas in items:
+                yield deltas
+        finally:  # a caller that stops here closes the steps now, not when the generator is collected
+            await items.aclose()
+
+    async def _deltas(self, prepared: Prepared) -> AsyncIterator[list[Delta]]:
         """Async generator: each item of `runtime.steps` (the first token, then a stream interval's tokens) is
         awaited from a thread; a cancelled caller stops the loop."""
         steps = self.runtime.steps(prepared)
@@ -63,11 +76,14 @@ class Generator:
             else:
                 steps.close()
 
-    async def complete(self, prepared: Prepared) -> dict[str, Any]:
+    async def complete(self, prompts: list[str] | None, messages: list[dict[str, str]] | None,
+                       **params) -> dict[str, Any]:
+        """One call per request: check it (4xx-mapped errors), generate, return the whole text."""
+        prepared = self.prepare(prompts, messages, **params)
         texts = [""] * len(prepared.prompts)
         reasons: list[str | None] = [None] * len(prepared.prompts)
         tokens = 0
-        async for deltas in self.stream(prepared):
+        async for deltas in self._deltas(prepared):
             for d in deltas:
                 texts[d.index] += d.text
                 reasons[d.index] = d.finish_reason or reasons[d.index]

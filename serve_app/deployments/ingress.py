@@ -140,13 +140,18 @@ class Ingress:
                         **params):
         model = request.model
         handle = self._handle(self.generators, model, "generation")
-        prepared = await self._call(lambda: handle.prepare.remote(prompts, messages, **params), retry=True)
+        # One call to the Generator per request, which checks it first. Until it answers, nothing has reached the
+        # client, so a call whose replica died is sent once more.
         if request.stream:
-            steps = handle.options(stream=True).stream.remote(prepared)
+            async def accepted():
+                steps = handle.options(stream=True).stream.remote(prompts, messages, **params)
+                return steps, await steps.__anext__()  # the prompt's token count, or the request's 4xx error
+
+            steps, prompt_tokens = await self._call(accepted, retry=True)
             usage = request.stream_options is not None and request.stream_options.include_usage
-            return StreamingResponse(openai_format.sse(model, steps, chat, prepared.prompt_tokens if usage else None),
+            return StreamingResponse(openai_format.sse(model, steps, chat, prompt_tokens if usage else None),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        result = await self._call(lambda: handle.complete.remote(prepared))
+        result = await self._call(lambda: handle.complete.remote(prompts, messages, **params), retry=True)
         return JSONResponse(openai_format.completion(model, result, chat))
 
     @api.post("/v1/completions", responses={200: {"description": "text_completion, or SSE chunks if stream"}})
