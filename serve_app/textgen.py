@@ -109,8 +109,8 @@ class TextGenerator:
         """Yield the text each prompt gained (and why it finished, when it did), at most one Delta per prompt and
         item. The first step is an item of its own; after it an item covers the steps of `stream_interval_s`,
         so the hops each item takes (a thread, Serve's stream, an SSE event) are paid per interval, not per
-        token: with 32 streams at about 500 steps/s each, per-step items were more than a replica's event loop
-        could hand on (see BENCHMARKS.md)."""
+        token: 32 streams of SmolLM2 on an H200 got 1,556-1,767 tokens/s with an item per step and 3,452-4,380
+        with 20 ms items (BENCHMARKS.md)."""
         decoders = [IncrementalDecoder(self.tokenizer, prompt_ids=p) for p in prepared.prompts]
         matchers = [StopStringMatcher(prepared.stop) for _ in prepared.prompts]
         finished = [False] * len(prepared.prompts)
@@ -161,5 +161,5 @@ def chunked(steps: Iterator[T], interval_s: float) -> Iterator[list[T]]:
                 chunk, last = [], now
         if chunk:
             yield chunk
-    finally:  # a reader that stops early stops the steps now (a batcher frees the request's rows)
+    finally:  # a reader that stops early stops the loop now (it gives back its KV bucket)
         getattr(steps, "close", lambda: None)()
