@@ -125,12 +125,12 @@ class ContinuousBatcher:
             raise ValueError(f"a prompt of {longest} tokens leaves no room in {self.slots} cache slots")
         stop_ids, pad = stop_ids_and_pad(self.session.eos_token_ids, params, pad_token_id)
         request = _Request(prompts_token_ids, params, stop_ids, pad)
+        request.interval_s = interval_s  # before the batcher thread can see the request
         with self._cv:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
             self._pending.append(request)
             self._cv.notify()
-        request.interval_s = interval_s
         try:
             while True:
                 if interval_s and request.read_at:
