@@ -141,7 +141,9 @@ def embed_inputs(batch: int, length: int, vocab: int, seed: int) -> dict[str, np
 class OrtBound:
     """An ORT session run through IO binding: inputs and output live in fixed device buffers."""
 
-    def __init__(self, path: Path, feeds: dict[str, np.ndarray], dim: int, device: str, **cuda_options):
+    def __init__(self, path: Path, feeds: dict[str, np.ndarray], dim: int, device: str, keep: int | None = None,
+                 **cuda_options):
+        self.keep = keep  # rows of the result that are real (a statically packed batch has a spare last row)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(path), opts, providers=providers(device, **cuda_options))
@@ -160,7 +162,7 @@ class OrtBound:
 
     def result(self) -> np.ndarray:
         self()
-        return self.output.numpy()
+        return self.output.numpy()[:self.keep]
 
 
 def export_bert(model, directory: Path) -> tuple[Path, Path, dict]:
@@ -181,13 +183,25 @@ def export_bert(model, directory: Path) -> tuple[Path, Path, dict]:
     figures = apply_speed_option(fp32, fp16, SpeedOption.fp16, model.config)
     figures["export_s"] = round(exported, 1)
     try:
-        from export_jobs.packing import to_packing_mode
+        from export_jobs.packing import to_packing_mode, to_static_packing
 
         packed = directory / "bert.fp16.packed.onnx"
         figures["packing"] = to_packing_mode(fp16, packed)["after"]
+        # the caller packs (no RemovePadding): capturable in a CUDA graph
+        to_static_packing(packed, directory / "bert.fp16.static.onnx")
     except Exception as exc:  # noqa: BLE001 - the suite reports it and goes on
         figures["packing_error"] = f"{type(exc).__name__}: {exc}"
-    for path in (fp16, directory / "bert.fp16.packed.onnx"):  # the same graphs over [out, in] weights
+    try:  # MultiHeadAttention fusion: packed, it is PackedMultiHeadAttention (ORT's flash-attention kernel)
+        from export_jobs.optimize import fuse
+
+        mha = directory / "bert.fp16.mha.onnx"
+        fuse(fp32, mha, model.config, fp16=True, use_gpu=True, multi_head=True)
+        to_packing_mode(mha, directory / "bert.fp16.mha.packed.onnx")
+        to_static_packing(directory / "bert.fp16.mha.packed.onnx", directory / "bert.fp16.static.mha.onnx")
+    except Exception as exc:  # noqa: BLE001
+        figures["mha_packing_error"] = f"{type(exc).__name__}: {exc}"
+    for path in (fp16, directory / "bert.fp16.packed.onnx", directory / "bert.fp16.static.onnx"):
+        # the same graphs over [out, in] weights
         if path.exists():
             proto = onnx.load(str(path))
             figures[f"{path.stem} FusedMatMul"] = transpose_matmul_weights(proto)
@@ -253,13 +267,30 @@ def section_embeddings(args) -> None:
                 packed = fp16_path.with_name(f"bert.fp16.packed{suffix}.onnx")
                 if packed.exists():  # padding removed before the first layer: GEMMs see real tokens only
                     sessions[f"ORT fused fp16 packed + IO binding{label}"] = (packed, {})
+                static = fp16_path.with_name(f"bert.fp16.static{suffix}.onnx")
+                if static.exists():  # packed by the caller, token count bucketed: one captured graph per bucket
+                    sessions[f"ORT fused fp16 packed + CUDA graph{label}"] = (static, {"enable_cuda_graph": True})
+            static = fp16_path.with_name("bert.fp16.static.mha.onnx")
+            if static.exists():
+                sessions["ORT fused fp16 packed + CUDA graph, MultiHeadAttention"] = (
+                    static, {"enable_cuda_graph": True})
+            mha = fp16_path.with_name("bert.fp16.mha.packed.onnx")
+            if mha.exists():
+                sessions["ORT fused fp16 packed + IO binding, MultiHeadAttention"] = (mha, {})
         for name, (path, options) in sessions.items():
             try:
-                bound = OrtBound(path, feeds, dim, device, **options)
+                if ".static" in path.name:
+                    from export_jobs.packing import static_packing_feeds
+
+                    packed_feeds = static_packing_feeds(feeds)
+                    notes[name] = f"{packed_feeds['packing_token_index'].size} packed tokens; "
+                    bound = OrtBound(path, packed_feeds, dim, device, keep=batch, **options)
+                else:
+                    bound = OrtBound(path, feeds, dim, device, **options)
                 outputs[name] = bound.result()  # with a CUDA graph: the first run captures it
                 runners[name] = bound
-                notes[name] = "providers " + ",".join(p.replace("ExecutionProvider", "")
-                                                      for p in bound.session.get_providers())
+                notes[name] = notes.get(name, "") + "providers " + ",".join(
+                    p.replace("ExecutionProvider", "") for p in bound.session.get_providers())
             except Exception as exc:  # noqa: BLE001
                 notes[name] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
         if device == "cuda":

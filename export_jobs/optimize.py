@@ -99,15 +99,23 @@ def _split_unsqueeze(model: onnx.ModelProto) -> int:
 
 
 def fuse(fp32_path: str | Path, out_path: str | Path, hf_config, *, fp16: bool = False,
-         use_gpu: bool = False, expected: dict[str, int] | None = None) -> dict[str, Any]:
+         use_gpu: bool = False, expected: dict[str, int] | None = None,
+         multi_head: bool = False) -> dict[str, Any]:
     """Run the ORT transformer optimizer (model_type "bert"); raise FusionError when an expected fusion
-    is missing. Returns the fused operator counts."""
+    is missing. Returns the fused operator counts.
+
+    ``multi_head``: MultiHeadAttention (separate Q, K, V projections) instead of Attention (one packed QKV
+    projection); in packing mode it becomes PackedMultiHeadAttention, which has ORT's flash-attention kernel."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     model = onnx.load(str(fp32_path))
     split = _split_unsqueeze(model)
+    options = FusionOptions("bert")
+    options.use_multi_head_attention = multi_head
     optimized = optimize_model(model, model_type="bert", num_heads=int(hf_config.num_attention_heads),
-                               hidden_size=int(hf_config.hidden_size), opt_level=0, use_gpu=use_gpu)
+                               hidden_size=int(hf_config.hidden_size), opt_level=0, use_gpu=use_gpu,
+                               optimization_options=options)
     counts = fusion_counts(optimized.get_fused_operator_statistics())
     want = expected_fusions(hf_config) if expected is None else expected
     missing = {op: (counts.get(op, 0), n) for op, n in want.items() if counts.get(op, 0) < n}

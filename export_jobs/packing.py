@@ -23,6 +23,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 from onnx import TensorProto
 
@@ -178,3 +179,107 @@ def to_packing_mode(src_path: str | Path, dst_path: str | Path) -> dict[str, Any
     onnx.checker.check_model(str(dst_path))
     return {"attention_op": packed_op, "mask_index": mask, "before": _interest(before), "after": _interest(after),
             "packed_region_nodes": region, "all_after": after}
+
+
+# --- static packing: the caller removes the padding, so the graph has no data-dependent shape --------------------
+
+STATIC_INPUTS = ("packing_token_index", "packing_token_offset", "packing_cu_seqlens")
+
+
+def to_static_packing(packed_path: str | Path, dst_path: str | Path) -> dict[str, Any]:
+    """Rewrite a packing-mode graph (`to_packing_mode`) so that a CUDA graph can capture it.
+
+    RemovePadding learns the token count on the device and sizes its output by it, so ONNX Runtime reads it back
+    to the host in the middle of every call: no CUDA graph, and a launch gap. Here the caller packs instead
+    (`static_packing_feeds`): RemovePadding becomes Flatten + Gather over ``packing_token_index`` (int64
+    [tokens]), and its token offsets and cumulative lengths become the inputs ``packing_token_offset`` (int32
+    [batch, sequence]) and ``packing_cu_seqlens`` (int32 [batch + 1]). Every shape then follows from the input
+    shapes, and one captured graph serves each (batch, sequence, tokens) bucket.
+    """
+    src_path, dst_path = Path(packed_path), Path(dst_path)
+    model = onnx.load(str(src_path))
+    graph = model.graph
+    remove = [n for n in graph.node if n.op_type == "RemovePadding"]
+    if len(remove) != 1:
+        raise PackingError(f"expected one RemovePadding (a graph from to_packing_mode), got {len(remove)}")
+    remove = remove[0]
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    if len(remove.output) > 3 and remove.output[3] in used:
+        raise PackingError(f"RemovePadding's max_seq_len {remove.output[3]!r} is used; static packing does not "
+                           "provide it")
+    mask = next(i for i in graph.input if i.name == "attention_mask")
+    batch_dim, seq_dim = (d.dim_param or d.dim_value for d in mask.type.tensor_type.shape.dim)
+    rename = {remove.output[1]: STATIC_INPUTS[1], remove.output[2]: STATIC_INPUTS[2]}
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in rename:
+                node.input[k] = rename[name]
+    flat = remove.input[0] + "_flat"
+    index = list(graph.node).index(remove)
+    graph.node.remove(remove)
+    graph.node.insert(index, onnx.helper.make_node("Gather", [flat, STATIC_INPUTS[0]], [remove.output[0]], axis=0,
+                                                   name="static_packing_gather"))
+    graph.node.insert(index, onnx.helper.make_node("Flatten", [remove.input[0]], [flat], axis=2,
+                                                   name="static_packing_flatten"))
+    batch_plus_one = f"{batch_dim}_plus_1" if isinstance(batch_dim, str) else batch_dim + 1
+    graph.input.extend([
+        onnx.helper.make_tensor_value_info(STATIC_INPUTS[0], TensorProto.INT64, ["packed_tokens"]),
+        onnx.helper.make_tensor_value_info(STATIC_INPUTS[1], TensorProto.INT32, [batch_dim, seq_dim]),
+        onnx.helper.make_tensor_value_info(STATIC_INPUTS[2], TensorProto.INT32, [batch_plus_one]),
+    ])
+    region = _check_static_region(model, remove.output[0])
+    dst_path.parent.mkdir(parents=True, exist_ok=True)
+    large = model.ByteSize() > TWO_GB // 2
+    onnx.save(model, str(dst_path), save_as_external_data=large, all_tensors_to_one_file=True,
+              location=dst_path.name + ".data" if large else None)
+    onnx.checker.check_model(str(dst_path))
+    return {"inputs": list(STATIC_INPUTS), "packed_region_nodes": region, "all_after": op_counts(model)}
+
+
+def _check_static_region(model: onnx.ModelProto, packed: str) -> int:
+    """The rewritten graph still has a token-wise region from the Gather to RestorePadding."""
+    restore = [n for n in model.graph.node if n.op_type == "RestorePadding"]
+    consumers = [n for n in model.graph.node if packed in n.input]
+    if len(restore) != 1 or not consumers:
+        raise PackingError("static packing lost the packed region (no RestorePadding or no consumer of the Gather)")
+    return len(consumers)
+
+
+def static_packing_feeds(feeds: dict[str, np.ndarray], granularity: int | None = None) -> dict[str, np.ndarray]:
+    """The inputs of a `to_static_packing` graph for a right-padded batch: one more row, and the packing inputs.
+
+    The real tokens are packed first, in row order, as RemovePadding packs them. The token count is rounded up to
+    the next multiple of ``granularity`` (default: the padded width), with at least one token to spare; the spare
+    tokens form an extra last row, so every packed token belongs to a sequence and is computed like any other
+    (its output row is to be dropped). Same-shaped batches with a token count in the same bucket give the same
+    shapes, so they replay one captured graph.
+    """
+    mask = np.asarray(feeds["attention_mask"])
+    rows, width = mask.shape
+    lengths = mask.sum(1).astype(np.int64)
+    if not np.array_equal(mask, (np.arange(width)[None, :] < lengths[:, None]).astype(mask.dtype)):
+        raise PackingError("static packing needs right padding: each attention_mask row as 1s then 0s")
+    for name, value in feeds.items():
+        if np.shape(value) != mask.shape:
+            raise PackingError(f"input {name!r} has shape {np.shape(value)}, attention_mask {mask.shape}")
+    granularity = width if granularity is None else int(granularity)
+    if not 1 <= granularity <= width:
+        raise PackingError(f"granularity {granularity} must be 1..{width} (the spare row holds at most {width})")
+    real = int(lengths.sum())
+    total = (real // granularity + 1) * granularity
+    spare = total - real
+    lengths = np.append(lengths, spare)
+    out = {}
+    for name, value in feeds.items():
+        value = np.asarray(value)
+        extra = np.zeros((1, width), value.dtype)
+        if name == "attention_mask":
+            extra[0, :spare] = 1
+        out[name] = np.concatenate([value, extra])
+    positions = np.arange(rows + 1)[:, None] * width + np.arange(width)[None, :]
+    real_mask = np.arange(width)[None, :] < lengths[:, None]
+    token_offset = np.concatenate([positions[real_mask], positions[~real_mask]]).astype(np.int32)
+    out[STATIC_INPUTS[0]] = token_offset[:total].astype(np.int64)
+    out[STATIC_INPUTS[1]] = token_offset.reshape(rows + 1, width)
+    out[STATIC_INPUTS[2]] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return out
