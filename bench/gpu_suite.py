@@ -324,7 +324,7 @@ def section_embeddings(args) -> None:
                          f"{compile_ms / t['p50_ms']:.2f}x" if t and compile_ms else "-",
                          f"{p['max_abs_diff']:.1e}" if p else "-", f"{p['min_cosine']:.6f}" if p else "-",
                          notes.get(name, "")))
-        if args.profile and device == "cuda" and many:
+        if args.profile and device == "cuda":
             record["kernels"] = {name: kernel_profile(runners[name], 10, name) for name in runners
                                  if name.startswith("ORT fused fp16") and "CUDA graph" not in name}
         RESULTS["embeddings"]["shapes"][key] = record
