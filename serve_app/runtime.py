@@ -29,11 +29,20 @@ def providers(use_gpu: bool) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+# On the CUDA EP, ORT times its GEMM kernels per shape (cuBLAS, its small-N GEMV, TensorRT-LLM's tinygemm2) and keeps
+# the fastest, timed as CUDA graph replays (how our sessions run). bert-base at batch 1: 0.496 -> 0.463 ms from a
+# captured graph, cuBLAS's split-K GEMMs replaced (BENCHMARKS.md, session 10). ONNX_SERVE_GEMM_AUTO_TUNE=0: cuBLAS.
+GEMM_AUTO_TUNE = os.environ.get("ONNX_SERVE_GEMM_AUTO_TUNE", "1") != "0"
+
+
+def session_options(threads: int | None = None, cuda: bool = False) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = max(1, threads or os.cpu_count() or 1)
     opts.inter_op_num_threads = 1
+    if cuda and GEMM_AUTO_TUNE:
+        opts.add_session_config_entry("ep.cuda.enable_gemm_auto_tune", "1")
+        os.environ.setdefault("ORT_CUDA_GEMM_GRAPH_REPLAY_TUNING", "1")  # read by ORT when it tunes a shape
     return opts
 
 
@@ -73,8 +82,10 @@ class EncoderSession:
         self.tokenizer = Tokenizer.from_file(str(directory / meta["tokenizer"]))
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
-        self.session, self.graphs = self._load(entry.model_path(root), session_options(threads),
-                                                providers(use_gpu), cuda_graphs)
+        eps = providers(use_gpu)
+        self.session, self.graphs = self._load(entry.model_path(root),
+                                                session_options(threads, eps[0] == "CUDAExecutionProvider"),
+                                                eps, cuda_graphs)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def _load(self, path: Path, options: ort.SessionOptions, eps: list, cuda_graphs: bool):
