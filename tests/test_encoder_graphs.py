@@ -46,6 +46,7 @@ def test_cuda_graph_buckets_on_a_fused_fp16_export(tiny_bert_dir, tmp_path):
     entry = export_one(ModelConfig(id="tiny", source=str(tiny_bert_dir), optimize=SpeedOption.fp16), tmp_path)
     gpu = EncoderSession(entry, tmp_path, use_gpu=True)
     assert gpu.graphs is not None and gpu.graphs.cuda_graph
+    assert gpu.session.get_session_options().get_session_config_entry("ep.cuda.enable_gemm_auto_tune") == "1"
     cpu = EncoderSession(entry, tmp_path)
     items = cpu.prepare(TEXTS)
     assert not gpu.quick(items[:1])  # not captured yet: the capture runs off the event loop

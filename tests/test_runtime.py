@@ -1,4 +1,5 @@
 """Serving-side session wrapper: tokenization limits, pooling, batching order; no torch import."""
+import os
 import subprocess
 import sys
 
@@ -54,3 +55,19 @@ def test_serving_modules_do_not_import_torch_or_tensorflow():
             "bad = [m for m in ('torch', 'tensorflow') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_gemm_auto_tune_is_asked_of_cuda_sessions_only():
+    """ORT reads ep.cuda.enable_gemm_auto_tune when it builds the CUDA EP's GEMM kernels; a CPU session gets
+    nothing it would not use, and ONNX_SERVE_GEMM_AUTO_TUNE=0 (read at import) keeps cuBLAS."""
+    from serve_app import runtime
+
+    key = "ep.cuda.enable_gemm_auto_tune"
+    assert runtime.session_options(1, cuda=True).get_session_config_entry(key) == "1"
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        runtime.session_options(1).get_session_config_entry(key)
+    code = ("from serve_app import runtime; o = runtime.session_options(1, cuda=True); "
+            "print(o.get_session_config_entry('ep.cuda.enable_gemm_auto_tune'))")
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "ONNX_SERVE_GEMM_AUTO_TUNE": "0"})
+    assert off.returncode != 0 and "does not have configuration" in off.stderr  # not set at all
