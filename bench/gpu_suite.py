@@ -2,8 +2,9 @@
 
 (a) bert-base shapes + mean pooling, batch 1 x 6 and 64 x 128: torch eager fp32 / fp16 /
     torch.compile(reduce-overhead) fp16 vs ONNX Runtime CUDA fp32, fused fp16 (both IO binding),
-    fused fp16 + CUDA graphs, fused fp16 in packing mode (padding removed), TensorRT EP if it
-    loads; parity of each vs torch fp32.
+    fused fp16 + CUDA graphs, fused fp16 in packing mode (padding removed by RemovePadding, or by the
+    caller so that a CUDA graph captures it; Attention or MultiHeadAttention), ORT's GEMM auto-tune,
+    TensorRT EP if it loads; parity of each vs torch fp32.
 (b) GPT-Neo 1.3B shapes, random weights, fp16: transformers generate() vs our ONNX decode loops
     at batch 1 and 32, ms/token: the dynamic-cache graph (serve_app.generation) and the
     static-cache GQA graph (serve_app.static_generation), with and without CUDA graphs.
