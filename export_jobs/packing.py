@@ -207,7 +207,9 @@ def to_static_packing(packed_path: str | Path, dst_path: str | Path) -> dict[str
     if len(remove.output) > 3 and remove.output[3] in used:
         raise PackingError(f"RemovePadding's max_seq_len {remove.output[3]!r} is used; static packing does not "
                            "provide it")
-    mask = next(i for i in graph.input if i.name == "attention_mask")
+    mask = next((i for i in graph.input if i.name == "attention_mask"), None)
+    if mask is None:
+        raise PackingError("no attention_mask input: the packing inputs take its [batch, sequence] shape")
     batch_dim, seq_dim = (d.dim_param or d.dim_value for d in mask.type.tensor_type.shape.dim)
     rename = {remove.output[1]: STATIC_INPUTS[1], remove.output[2]: STATIC_INPUTS[2]}
     for node in graph.node:
