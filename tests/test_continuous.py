@@ -317,7 +317,6 @@ def test_concurrent_generations_on_cuda_graphs_write_their_sequential_tokens(tmp
 
     assert _run_concurrently(Shared(), requests) == expected
     # Rows of one bucket are computed independently, so a request in a full batch writes what it writes in the
-    # same bucket alone (a 1-row bucket runs other kernels: float16 near-ties may differ there)
     # same bucket alone (a 1-row bucket runs other kernels: float16 near-ties may differ there). Prompts go in one
     # token per step here: a prefill runs the prompt kernels, another source of float16 near-ties
     session = StaticDecoderSession(tmp_path / "model.onnx", providers=cuda, max_batch=8)

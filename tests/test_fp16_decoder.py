@@ -8,7 +8,7 @@ import pytest
 from export_jobs import manifest
 from export_jobs.config import ModelConfig
 from export_jobs.decoder_validate import AgreementError, agreement_gate, default_prompts, transformers_greedy
-from serve_app.generation import SamplingParams
+from serve_app.generation import SamplingParams, collect
 from serve_app.static_generation import StaticDecoderSession, generate_all_static
 
 
@@ -93,3 +93,14 @@ def test_fp16_export_served_on_cuda_graphs_writes_the_cpu_tokens(tmp_path):
     for _ in range(2):  # the second call replays the graphs the first captured
         got = generate_all_static(gpu, prompts, params)
         assert [g[:8] for g in got] == [e[:8] for e in expected]
+    # as deploy/models.yaml serves a GPU decoder: continuous batching (prefill shapes warmed at start, captured
+    # decode steps), with the GEMM kernels ORT's auto-tune picked for every shape
+    served = TextGenerator(entry, root, use_gpu=True, continuous=True)
+    try:
+        options = served.session.session.get_session_options()
+        assert options.get_session_config_entry("ep.cuda.enable_gemm_auto_tune") == "1"
+        for _ in range(2):
+            got = collect(served.batcher.generate(prompts, params), len(prompts))
+            assert [g[:8] for g in got] == [e[:8] for e in expected]
+    finally:
+        served.batcher.close()
