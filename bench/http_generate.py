@@ -10,7 +10,7 @@ by the server).
 Settings ("variants"):
   own      - each request decodes in its own KV bucket (continuous_batching off), a chunk per step
   step     - continuous batching, a chunk per decode step (stream_interval_s 0)
-  chunked  - continuous batching, the default stream_interval_s (0.02): the first token alone, then a chunk per
+  chunked  - continuous batching, the default stream_interval_s (0.02): the first token at once, then a chunk per
              20 ms
   chunked50 - the same with stream_interval_s 0.05
 

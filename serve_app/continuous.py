@@ -113,9 +113,10 @@ class ContinuousBatcher:
 
     def stream(self, prompts_token_ids: Sequence[Sequence[int]], params: SamplingParams,
                pad_token_id: int | None = None, interval_s: float = 0.0) -> Iterator[list[StepOutput]]:
-        """This request's steps in lists: the first step alone, then every step that is ready once `interval_s`
-        has passed since the previous list (at least one). The reader sleeps between lists instead of waking at
-        every step, so 32 readers do not contend with the batcher thread for the interpreter at every step."""
+        """This request's steps in lists: the first list as soon as the first step is ready (with any step already
+        queued behind it, if the reader woke late), then every step that is ready once `interval_s` has passed
+        since the previous list (at least one). The reader sleeps between lists instead of waking at every step,
+        so 32 readers do not contend with the batcher thread for the interpreter at every step."""
         if not prompts_token_ids or any(len(p) == 0 for p in prompts_token_ids):
             raise ValueError("every prompt needs at least one token")
         if len(prompts_token_ids) > self.rows:

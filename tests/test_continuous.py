@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 
@@ -107,17 +108,22 @@ def test_a_slow_reader_pauses_its_rows_and_then_gets_the_same_tokens(tiny, monke
 
 
 def test_an_interval_reader_gets_lists_of_steps_and_is_not_paused(tiny):
-    """stream(interval_s): the first step alone, then what queued while the reader slept; on time, it is never
-    taken for a late reader, so its row runs on and the tokens are transformers' own."""
+    """stream(interval_s): the first list at once (the first step, and any step already queued behind it), then
+    at most one list per interval, each with what queued while the reader slept; on time, it is never taken for
+    a late reader, so its row runs on and the tokens are transformers' own."""
     model, path = tiny
     prompt = default_prompts(model)[0]
     batcher = _batcher(path, rows=2)
+    interval = 0.05
     try:
+        start = time.monotonic()
         lists = list(batcher.stream([prompt], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
-                                    interval_s=0.01))
+                                    interval_s=interval))
+        elapsed = time.monotonic() - start
     finally:
         batcher.close()
-    assert len(lists[0]) == 1 and len(lists) < 20
+    assert lists[0][0].step == 0
+    assert len(lists) <= elapsed / interval + 2  # the reader slept between lists
     assert [s.token_ids[0] for steps in lists for s in steps] == transformers_greedy(model, [prompt], 40, 0)[0]
 
 
