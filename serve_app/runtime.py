@@ -8,6 +8,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -35,12 +36,13 @@ def providers(use_gpu: bool) -> list[str]:
 GEMM_AUTO_TUNE = os.environ.get("ONNX_SERVE_GEMM_AUTO_TUNE", "1") != "0"
 
 
-def session_options(threads: int | None = None, cuda: bool = False) -> ort.SessionOptions:
+def session_options(threads: int | None = None, eps: Sequence[str] = ()) -> ort.SessionOptions:
+    """Options for a session over `eps` (as `providers` returns them): CUDA sessions also get GEMM auto-tune."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = max(1, threads or os.cpu_count() or 1)
     opts.inter_op_num_threads = 1
-    if cuda and GEMM_AUTO_TUNE:
+    if eps and eps[0] == "CUDAExecutionProvider" and GEMM_AUTO_TUNE:
         opts.add_session_config_entry("ep.cuda.enable_gemm_auto_tune", "1")
         os.environ.setdefault("ORT_CUDA_GEMM_GRAPH_REPLAY_TUNING", "1")  # read by ORT when it tunes a shape
     return opts
@@ -83,9 +85,8 @@ class EncoderSession:
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         eps = providers(use_gpu)
-        self.session, self.graphs = self._load(entry.model_path(root),
-                                                session_options(threads, eps[0] == "CUDAExecutionProvider"),
-                                                eps, cuda_graphs)
+        self.session, self.graphs = self._load(entry.model_path(root), session_options(threads, eps), eps,
+                                                cuda_graphs)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def _load(self, path: Path, options: ort.SessionOptions, eps: list, cuda_graphs: bool):

@@ -57,10 +57,10 @@ class TextGenerator:
         meta = entry.metadata
         self.model_id, self.context = entry.id, int(entry.max_length or 2048)
         self.batcher = None
-        cuda = providers(use_gpu)[0] == "CUDAExecutionProvider"
+        eps = providers(use_gpu)
         if meta.get("static_decoder"):  # fused / fp16 / int8 / int4: the served file (model_file) passed its own gate
-            self.session = StaticDecoderSession(entry.model_path(root), providers=providers(use_gpu),
-                                                session_options=session_options(threads, cuda),
+            self.session = StaticDecoderSession(entry.model_path(root), providers=eps,
+                                                session_options=session_options(threads, eps),
                                                 max_batch=STATIC_MAX_BATCH)
             self._generate = generate_static
             if continuous:  # one bucket of STATIC_MAX_BATCH rows; a request's prompt + max_tokens must fit a row
@@ -68,8 +68,8 @@ class TextGenerator:
                 self.context = self.batcher.slots
                 self._generate = None  # steps() reads the batcher's stream
         else:
-            self.session = DecoderSession(entry.model_path(root), meta["decoder"], providers=providers(use_gpu),
-                                          session_options=session_options(threads, cuda))
+            self.session = DecoderSession(entry.model_path(root), meta["decoder"], providers=eps,
+                                          session_options=session_options(threads, eps))
             self._generate = generate
         self.tokenizer = Tokenizer.from_file(str(directory / meta["tokenizer"]))
         self.tokenizer.no_padding()

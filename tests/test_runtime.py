@@ -63,10 +63,11 @@ def test_gemm_auto_tune_is_asked_of_cuda_sessions_only():
     from serve_app import runtime
 
     key = "ep.cuda.enable_gemm_auto_tune"
-    assert runtime.session_options(1, cuda=True).get_session_config_entry(key) == "1"
+    CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert runtime.session_options(1, CUDA).get_session_config_entry(key) == "1"
     with pytest.raises(RuntimeError, match="does not have configuration"):
-        runtime.session_options(1).get_session_config_entry(key)
-    code = ("from serve_app import runtime; o = runtime.session_options(1, cuda=True); "
+        runtime.session_options(1, ["CPUExecutionProvider"]).get_session_config_entry(key)
+    code = ("from serve_app import runtime; o = runtime.session_options(1, ['CUDAExecutionProvider']); "
             "print(o.get_session_config_entry('ep.cuda.enable_gemm_auto_tune'))")
     off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "ONNX_SERVE_GEMM_AUTO_TUNE": "0"})
