@@ -116,6 +116,41 @@ def gpu_apps() -> str:
 
 
 LOADERS = {"raw": load_raw, "httpx": load}
+GROUPS = {"ingress": ":Ingress", "embedder": ":embed-", "haproxy": "haproxy"}
+
+
+def serve_processes(app: str) -> dict[str, list[int]]:
+    """PIDs of this app's Ingress and embedder replicas and of HAProxy, from /proc (Linux)."""
+    out: dict[str, list[int]] = {name: [] for name in GROUPS}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        for name, key in GROUPS.items():
+            if key in cmd and (name == "haproxy" or f"ServeReplica:{app}:" in cmd):
+                out[name].append(int(entry.name))
+    return out
+
+
+def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
+    """User + system CPU seconds of each group so far (/proc/PID/stat fields 14-15), and of the whole host."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for name, group in pids.items():
+        total = 0
+        for pid in group:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+            except (OSError, IndexError, ValueError):
+                pass
+        out[name] = total / tick
+    host = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    out["host"] = (int(host[0]) + int(host[1]) + int(host[2])) / tick  # user, nice, system
+    return out
 IN_INGRESS = "-in-ingress"
 
 
@@ -145,13 +180,20 @@ async def measure(url: str, mode: str, app: str, batch: int, loads: list[tuple[i
             break
         await asyncio.sleep(0.5)
     rows = []
+    pids = serve_processes(app)
     for conc, requests in loads:
         before = len(await handle.batch_stats.remote()) if handle else 0
+        cpu_before, wall_before = cpu_seconds(pids), time.perf_counter()
         if pool is not None and conc > 1 and clients > 1:
             seconds, lat, failures = await asyncio.get_running_loop().run_in_executor(
                 None, load_split, pool, url, conc, requests, clients, client)
         else:
             seconds, lat, failures = await LOADERS[client](url, conc, requests)
+        cpu_after, wall = cpu_seconds(pids), time.perf_counter() - wall_before
+        # where the CPU went: ms per request of each group, and how many cores each kept busy
+        cpu = {f"cpu_ms_{name}": 1000 * (cpu_after[name] - cpu_before[name]) / requests for name in cpu_after}
+        cpu.update({f"cores_{name}": (cpu_after[name] - cpu_before[name]) / wall for name in cpu_after})
+        cpu.update({f"n_{name}": len(group) for name, group in pids.items()})
         batches = (await handle.batch_stats.remote())[before:] if handle else []
         health = None
         if conc == 1:  # the same path around an empty route: HAProxy, Serve's replica, FastAPI
@@ -161,7 +203,7 @@ async def measure(url: str, mode: str, app: str, batch: int, loads: list[tuple[i
                      "clients": clients if (pool is not None and conc > 1) else 1,
                      "req_s": len(lat) / seconds, "p50_ms": percentile(lat, 0.5), "p99_ms": percentile(lat, 0.99),
                      "max_ms": max(lat), "non_200": failures,
-                     "mean_batch": sum(batches) / len(batches) if batches else float("nan")})
+                     "mean_batch": sum(batches) / len(batches) if batches else float("nan"), **cpu})
     return rows
 
 
@@ -251,6 +293,12 @@ def run_child(args, mode: str) -> list[dict]:
     return [json.loads(line[4:]) for line in lines if line.startswith("ROW ")]
 
 
+def cpu_text(row: dict) -> str:
+    """'ingress 1.20 (3.1), embedder 0.25 (0.9), haproxy 0.10 (0.4), host 3.0 (11.6)' for one row."""
+    return ", ".join(f"{name} {row[f'cpu_ms_{name}']:.2f} ({row[f'cores_{name}']:.1f})"
+                     for name in (*GROUPS, "host") if f"cpu_ms_{name}" in row and (name == "host" or row.get(f"n_{name}")))
+
+
 def pair(text: str) -> tuple[int, int]:
     conc, requests = text.split(":")
     return int(conc), int(requests)
@@ -311,7 +359,7 @@ def main() -> None:
         health = f"{r['health_p50_ms']:.2f}" if r.get("health_p50_ms") else "-"
         table_rows.append((r["mode"], r["max_batch_size"], r["concurrency"], r.get("clients", 1), r["requests"], f"{r['req_s']:.0f}",
                            f"{speedup:.1f}x" if speedup else "-", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
-                           f"{r['max_ms']:.0f}", f"{r['mean_batch']:.1f}", r["non_200"], path, health))
+                           f"{r['max_ms']:.0f}", f"{r['mean_batch']:.1f}", r["non_200"], path, health, cpu_text(r)))
     result["wall_s"] = time.perf_counter() - t0
     (OUT / "gpu_http.json").write_text(json.dumps(result, indent=1))
     k = result["kernel"]
@@ -324,7 +372,7 @@ def main() -> None:
           f"wall {result['wall_s']:.0f} s")
     print(table(table_rows, ("serve mode", "max_batch_size", "conc", "clients", "requests", "req/s", "vs batch 1", "p50 ms",
                              "p99 ms", "max ms", "mean batch", "non-200", "path cost ms (p50 - model)",
-                             "GET /health p50 ms")))
+                             "GET /health p50 ms", "CPU ms/request (cores busy)")))
 
 
 if __name__ == "__main__":

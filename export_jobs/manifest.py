@@ -136,10 +136,13 @@ def commit(root: str | Path, entry: ManifestEntry) -> None:
         _atomic_write_text(root / MANIFEST_NAME, json.dumps(payload, indent=2) + "\n")
 
 
-def verify(root: str | Path, entry: ManifestEntry) -> None:
-    """Check that every file the entry names is there with its recorded size and hash."""
+def verify(root: str | Path, entry: ManifestEntry, only: set[str] | None = None) -> None:
+    """Check that every file the entry names (or those of them in ``only``) is there with its recorded size
+    and hash."""
     directory = entry.dir_path(root)
     for info in entry.files:
+        if only is not None and info.name not in only:
+            continue
         path = directory / info.name
         if not path.is_file() or path.stat().st_size != info.bytes or sha256_file(path) != info.sha256:
             raise ManifestError(f"{entry.id}: {info.name} is missing or differs from the manifest")

@@ -88,7 +88,7 @@ def build(app_config: AppConfig, entries: dict[str, manifest.ManifestEntry]) -> 
     from .deployments.ingress import Ingress
 
     root = str(Path(app_config.project.artifacts).resolve())
-    embedders, generators, cards, embed_batch, local = {}, {}, [], {}, {}
+    embedders, generators, cards, embed_batch, local, tokenize = {}, {}, [], {}, {}, {}
     server = app_config.server
     gpus, cpus = 0.0, server.num_cpus
     for cfg in app_config.project.models:
@@ -104,6 +104,8 @@ def build(app_config: AppConfig, entries: dict[str, manifest.ManifestEntry]) -> 
             embedders[cfg.id] = Embedder.options(**opts).bind(
                 entry.model_dump(mode="json"), root, cfg.truncate, cfg.serving.num_cpus, cfg.serving.cuda_graphs)
             embed_batch[cfg.id] = cfg.serving.max_batch_size
+            if entry.input_kind != "text":  # the graph does not tokenize itself: the ingress does
+                tokenize[cfg.id] = {"entry": entry.model_dump(mode="json"), "root": root, "truncate": cfg.truncate}
         else:
             from .deployments.generator import Generator
 
@@ -114,7 +116,7 @@ def build(app_config: AppConfig, entries: dict[str, manifest.ManifestEntry]) -> 
     actor = {"num_cpus": cpus, **({"num_gpus": gpus} if gpus else {})}
     ingress = Ingress.options(num_replicas=server.ingress_replicas, max_ongoing_requests=server.max_ongoing_requests,
                               max_queued_requests=server.max_queued_requests, ray_actor_options=actor)
-    return ingress.bind(embedders, cards, server.model_dump(mode="json"), generators, embed_batch, local)
+    return ingress.bind(embedders, cards, server.model_dump(mode="json"), generators, embed_batch, local, tokenize)
 
 
 def graph(args: AppArgs) -> Application:

@@ -23,15 +23,16 @@ class GreedyBatcher(Generic[T, R]):
     ``run_batch`` gets at most ``max_batch_size`` items and returns one result per item, in order; a result
     that is an exception is raised to that item's caller alone, and an exception raised by ``run_batch``
     goes to every caller in the batch. At most ``max_in_flight`` batches run at once. ``wait_s`` > 0
-    holds a batch that is not full for up to that long, once a slot is free.
+    holds a batch that is not full for up to that long, once a slot is free. ``weight(item)`` is what an item
+    counts against ``max_batch_size`` (1 each by default); a batch always takes at least one item.
     """
 
     def __init__(self, run_batch: Callable[[list[T]], Awaitable[Sequence[Any]]], max_batch_size: int,
-                 wait_s: float = 0.0, max_in_flight: int = 1):
+                 wait_s: float = 0.0, max_in_flight: int = 1, weight: Callable[[T], int] | None = None):
         if max_batch_size < 1 or max_in_flight < 1 or wait_s < 0:
             raise ValueError("max_batch_size and max_in_flight must be >= 1, wait_s >= 0")
         self.run_batch, self.max_batch_size, self.wait_s = run_batch, max_batch_size, wait_s
-        self.max_in_flight = max_in_flight
+        self.max_in_flight, self.weight = max_in_flight, weight
         self.sizes: collections.deque[int] = collections.deque(maxlen=10_000)
         self._queue: collections.deque[tuple[T, asyncio.Future]] = collections.deque()
         self._arrived: asyncio.Event | None = None
@@ -48,12 +49,20 @@ class GreedyBatcher(Generic[T, R]):
         self._arrived.set()
         return await future
 
+    def _queued(self) -> int:
+        return sum(self.weight(item) for item, _ in self._queue) if self.weight else len(self._queue)
+
     def _take(self) -> list[tuple[T, asyncio.Future]]:
-        batch = []
-        while self._queue and len(batch) < self.max_batch_size:
-            item, future = self._queue.popleft()
+        batch, total = [], 0
+        while self._queue and total < self.max_batch_size:
+            item, future = self._queue[0]
+            size = self.weight(item) if self.weight else 1
+            if batch and total + size > self.max_batch_size:
+                break
+            self._queue.popleft()
             if not future.done():  # a caller that gave up (timeout, disconnect) is dropped here
                 batch.append((item, future))
+                total += size
         if not self._queue:
             self._arrived.clear()
         return batch
@@ -62,7 +71,7 @@ class GreedyBatcher(Generic[T, R]):
         while True:
             await self._arrived.wait()
             await self._slots.acquire()  # requests keep arriving while every slot is busy
-            if self.wait_s and len(self._queue) < self.max_batch_size:
+            if self.wait_s and self._queued() < self.max_batch_size:
                 await asyncio.sleep(self.wait_s)
             batch = self._take()
             if not batch:

@@ -69,6 +69,32 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
 
 
+class TextPreparer:
+    """A token-input encoder's tokenizer and token limit, without its session: the ingress tokenizes with it
+    so that the model replica, one per GPU, spends its CPU on batches and not on text."""
+
+    def __init__(self, entry: ManifestEntry, root: str | Path, *, truncate: bool = False):
+        self.model_id, self.max_length, self.truncate = entry.id, entry.max_length, truncate
+        self.tokenizer = Tokenizer.from_file(str(entry.dir_path(root) / entry.metadata["tokenizer"]))
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+
+    def prepare(self, texts: list[str]) -> list[Prepared]:
+        """Tokenize; refuse (or truncate, if configured) texts over the model's token limit."""
+        out = []
+        for index, enc in enumerate(self.tokenizer.encode_batch(texts)):
+            ids, type_ids = np.asarray(enc.ids, np.int64), np.asarray(enc.type_ids, np.int64)
+            if self.max_length and len(ids) > self.max_length:
+                if not self.truncate:
+                    where = f"input[{index}]" if len(texts) > 1 else "input"
+                    raise InputTooLong(f"{where} has {len(ids)} tokens; {self.model_id} accepts at most "
+                                       f"{self.max_length}", param=where)
+                keep = self.max_length - 1  # keep the closing special token ([SEP] / </s>)
+                ids, type_ids = np.append(ids[:keep], ids[-1]), type_ids[: self.max_length]
+            out.append(Prepared(ids, type_ids))
+        return out
+
+
 class EncoderSession:
     """A token-input encoder artifact: sentence mode (pooled in the graph) or plain (pooled here)."""
 
@@ -77,13 +103,10 @@ class EncoderSession:
         """cuda_graphs: on the CUDA EP, run batches in (rows, width) buckets replayed from captured CUDA
         graphs (serve_app.encoder_graphs), when every node of the graph runs on CUDA (fused exports)."""
         meta = entry.metadata
-        directory = entry.dir_path(root)
+        self.preparer = TextPreparer(entry, root, truncate=truncate)
         self.model_id, self.dim, self.max_length, self.truncate = entry.id, entry.dim, entry.max_length, truncate
         self.mode, self.normalize = meta["mode"], bool(meta.get("normalize"))
         self.pad_id = int(meta.get("pad_token_id", 0))
-        self.tokenizer = Tokenizer.from_file(str(directory / meta["tokenizer"]))
-        self.tokenizer.no_padding()
-        self.tokenizer.no_truncation()
         eps = providers(use_gpu)
         self.session, self.graphs = self._load(entry.model_path(root), session_options(threads, eps), eps,
                                                 cuda_graphs)
@@ -100,19 +123,7 @@ class EncoderSession:
         return ort.InferenceSession(str(path), options, providers=eps), None
 
     def prepare(self, texts: list[str]) -> list[Prepared]:
-        """Tokenize; refuse (or truncate, if configured) texts over the model's token limit."""
-        out = []
-        for index, enc in enumerate(self.tokenizer.encode_batch(texts)):
-            ids, type_ids = np.asarray(enc.ids, np.int64), np.asarray(enc.type_ids, np.int64)
-            if self.max_length and len(ids) > self.max_length:
-                if not self.truncate:
-                    where = f"input[{index}]" if len(texts) > 1 else "input"
-                    raise InputTooLong(f"{where} has {len(ids)} tokens; {self.model_id} accepts at most "
-                                       f"{self.max_length}", param=where)
-                keep = self.max_length - 1  # keep the closing special token ([SEP] / </s>)
-                ids, type_ids = np.append(ids[:keep], ids[-1]), type_ids[: self.max_length]
-            out.append(Prepared(ids, type_ids))
-        return out
+        return self.preparer.prepare(texts)
 
     def run(self, items: list[Prepared]) -> np.ndarray:
         """One padded batch through the session; returns float32 (len(items), dim)."""

@@ -8,6 +8,7 @@ it: the Embedder deployment wraps one, and an ingress with `server.embed_in_ingr
 from __future__ import annotations
 
 import asyncio
+import collections
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,8 @@ class EmbeddingModel:
                                           cuda_graphs=cuda_graphs)
         self.model_id = parsed.id
         self.max_rows = MAX_ROWS_PER_RUN
-        self.batcher = GreedyBatcher(self._run_batch, max_batch_size=32)
+        self.batcher = GreedyBatcher(self._run_batch, max_batch_size=32, weight=len)  # requests per group
+        self.sizes: collections.deque[int] = collections.deque(maxlen=10_000)  # requests per run
 
     def configure(self, user_config: dict[str, Any]) -> None:
         if "max_batch_size" in user_config:
@@ -48,16 +50,39 @@ class EmbeddingModel:
 
     async def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         prepared = self.session.prepare(texts)  # raises InputTooLong before batching
-        vectors = await self.batcher.submit(prepared)
+        return await self.embed_prepared(prepared)
+
+    async def embed_prepared(self, prepared: list[Prepared]) -> tuple[np.ndarray, int]:
+        """One request the ingress has already tokenized and checked (``TextPreparer``)."""
+        vectors = (await self.batcher.submit([prepared]))[0]
         return vectors, sum(p.tokens for p in prepared)
 
     async def embed_many(self, requests: list[list[str]]) -> list[tuple[np.ndarray, int] | Exception]:
         """Several requests in one call (an ingress batches its own): each gets its vectors or its own error."""
-        results = await asyncio.gather(*(self.embed(texts) for texts in requests), return_exceptions=True)
-        return [r if not isinstance(r, BaseException) or isinstance(r, Exception) else RuntimeError(repr(r))
-                for r in results]
+        prepared: list[list[Prepared] | Exception] = []
+        for texts in requests:
+            try:
+                prepared.append(self.session.prepare(texts))
+            except Exception as exc:  # noqa: BLE001 - this request's own error (InputTooLong)
+                prepared.append(exc)
+        return await self.embed_prepared_many(prepared)
 
-    async def _run_batch(self, requests: list[list[Prepared]]) -> list[np.ndarray]:
+    async def embed_prepared_many(self, requests: list[list[Prepared] | Exception]
+                                  ) -> list[tuple[np.ndarray, int] | Exception]:
+        """Tokenized requests merged by an ingress. They join the batcher as one item: one future and one
+        wake-up per call, not per request (this replica's one event loop serves every ingress)."""
+        valid = [r for r in requests if not isinstance(r, Exception)]
+        try:
+            vectors = iter(await self.batcher.submit(valid) if valid else [])
+        except Exception as exc:  # noqa: BLE001 - the run failed: every request in it gets the error
+            return [r if isinstance(r, Exception) else exc for r in requests]
+        return [r if isinstance(r, Exception) else (next(vectors), sum(p.tokens for p in r)) for r in requests]
+
+    async def _run_batch(self, groups: list[list[list[Prepared]]]) -> list[list[np.ndarray]]:
+        """Each batcher item is a group of requests (one, or an ingress's merged call); returns, per group, one
+        array of vectors per request."""
+        requests = [request for group in groups for request in group]
+        self.sizes.append(len(requests))
         rows = [item for request in requests for item in request]
         if len(requests) == 1 and self.session.quick(rows):
             # A lone request (nothing else was queued) on a small captured graph: a 0.3 ms replay costs less
@@ -67,7 +92,8 @@ class EmbeddingModel:
         else:
             vectors = await asyncio.to_thread(self.session.run_sorted, rows, self.max_rows)
         bounds = np.cumsum([0] + [len(r) for r in requests])
-        return [vectors[bounds[i] : bounds[i + 1]] for i in range(len(requests))]
+        per_request = iter(vectors[bounds[i] : bounds[i + 1]] for i in range(len(requests)))
+        return [[next(per_request) for _ in group] for group in groups]
 
     def info(self) -> dict[str, Any]:
         return {"id": self.model_id, "dim": self.session.dim, "max_length": self.session.max_length}
@@ -95,9 +121,15 @@ class Embedder:
     async def embed_many(self, requests: list[list[str]]) -> list[tuple[np.ndarray, int] | Exception]:
         return await self.model.embed_many(requests)
 
+    async def embed_prepared(self, prepared: list[Prepared]) -> tuple[np.ndarray, int]:
+        return await self.model.embed_prepared(prepared)
+
+    async def embed_prepared_many(self, requests: list[list[Prepared]]) -> list[tuple[np.ndarray, int] | Exception]:
+        return await self.model.embed_prepared_many(requests)
+
     def batch_stats(self) -> list[int]:
         """Requests per executed session run, most recent last (for tests and tuning)."""
-        return list(self.model.batcher.sizes)
+        return list(self.model.sizes)
 
     def info(self) -> dict[str, Any]:
         return self.model.info()

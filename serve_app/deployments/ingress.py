@@ -47,14 +47,19 @@ class VectorsResponse(Response):
 class Ingress:
     def __init__(self, embedders: dict[str, DeploymentHandle], cards: list[dict[str, Any]],
                  settings: dict[str, Any], generators: Optional[dict[str, DeploymentHandle]] = None,
-                 embed_batch: Optional[dict[str, int]] = None, local: Optional[dict[str, dict[str, Any]]] = None):
+                 embed_batch: Optional[dict[str, int]] = None, local: Optional[dict[str, dict[str, Any]]] = None,
+                 tokenize: Optional[dict[str, dict[str, Any]]] = None):
         self.embedders, self.generators = embedders, generators or {}
+        # Token-input embedders get their requests tokenized here: ingress replicas scale with the CPUs, while
+        # one embedder replica per GPU share would otherwise tokenize every request itself.
+        self.preparers = {model: self._load_preparer(spec) for model, spec in (tokenize or {}).items()}
         # server.embed_in_ingress: these models run here, in this replica's own session (one hop fewer)
         self.local = {model: self._load_local(spec) for model, spec in (local or {}).items()}
         self.embedding_models = {**self.embedders, **self.local}
         # Requests for a batched model are merged here too, so the embedder replica receives one call per
         # batch instead of one per request: at concurrency 256 its per-call cost, not the GPU, was the cap.
-        self.batchers = {model: GreedyBatcher(self._embed_many(self.embedders[model]), size, max_in_flight=INGRESS_IN_FLIGHT)
+        self.batchers = {model: GreedyBatcher(self._embed_many(self.embedders[model], model in self.preparers), size,
+                                              max_in_flight=INGRESS_IN_FLIGHT)
                          for model, size in (embed_batch or {}).items() if size > 1 and model in self.embedders}
         self.cards = {card["id"]: ModelCard.model_validate(card) for card in cards}
         self.settings = ServerSettings.model_validate(settings)
@@ -90,9 +95,21 @@ class Ingress:
         model.configure(spec["user_config"])
         return model
 
-    def _embed_many(self, handle: DeploymentHandle):
-        async def run(requests: list[list[str]]) -> list:
-            return await self._call(lambda: handle.embed_many.remote(requests), retry=True)
+    @staticmethod
+    def _load_preparer(spec: dict[str, Any]):
+        from export_jobs import manifest
+
+        from ..runtime import TextPreparer
+
+        entry = manifest.ManifestEntry.model_validate(spec["entry"])
+        manifest.verify(spec["root"], entry, only={entry.metadata["tokenizer"]})  # what passed the gate
+        return TextPreparer(entry, spec["root"], truncate=spec["truncate"])
+
+    def _embed_many(self, handle: DeploymentHandle, prepared: bool):
+        method = handle.embed_prepared_many if prepared else handle.embed_many
+
+        async def run(requests: list) -> list:
+            return await self._call(lambda: method.remote(requests), retry=True)
         return run
 
     def _check_texts(self, texts: list[str], field: str) -> None:
@@ -117,13 +134,16 @@ class Ingress:
         dim = self.cards[request.model].dim
         if request.dimensions is not None and request.dimensions != dim:
             raise InvalidRequest(f"dimensions must be {dim} for {request.model}", "dimensions")
-        batcher = self.batchers.get(request.model)
+        batcher, preparer = self.batchers.get(request.model), self.preparers.get(request.model)
+        items = preparer.prepare(texts) if preparer else texts  # InputTooLong: a 400 before any hop
         if request.model in self.local:
             vectors, tokens = await self._call(lambda: handle.embed(texts))
-        elif batcher is None:
-            vectors, tokens = await self._call(lambda: handle.embed.remote(texts), retry=True)
+        elif batcher is not None:
+            vectors, tokens = await self._call(lambda: batcher.submit(items))
+        elif preparer is not None:
+            vectors, tokens = await self._call(lambda: handle.embed_prepared.remote(items), retry=True)
         else:
-            vectors, tokens = await self._call(lambda: batcher.submit(texts))
+            vectors, tokens = await self._call(lambda: handle.embed.remote(texts), retry=True)
         data = [{"object": "embedding", "index": i, "embedding": _encode(v, request.encoding_format)}
                 for i, v in enumerate(vectors)]
         return VectorsResponse({"object": "list", "data": data, "model": request.model,
