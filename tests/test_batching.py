@@ -121,3 +121,28 @@ def test_in_flight_limit_and_wait():
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError):
         GreedyBatcher(Model().run, max_batch_size=0)
+
+
+def test_weights_bound_a_batch_and_a_heavy_item_runs_alone():
+    """With ``weight``, max_batch_size bounds the summed weight (an embedder's item is a group of requests)."""
+    async def main():
+        gate, batches = asyncio.Event(), []
+
+        async def run(groups):
+            batches.append([len(g) for g in groups])
+            await gate.wait()
+            return [sum(g) for g in groups]
+
+        batcher = GreedyBatcher(run, max_batch_size=4, weight=len)
+        first = asyncio.create_task(batcher.submit([1]))
+        await asyncio.sleep(0.01)
+        groups = [[2, 2], [3, 3, 3], [4], [5] * 5, [6]]
+        rest = [asyncio.create_task(batcher.submit(g)) for g in groups]
+        await asyncio.sleep(0.01)
+        gate.set()
+        return await asyncio.gather(first, *rest), batches, list(batcher.sizes)
+
+    results, batches, sizes = asyncio.run(main())
+    assert results == [1, 4, 9, 4, 25, 6]
+    assert batches == [[1], [2], [3, 1], [5], [1]]  # 2 + 3 > 4; 3 + 1 = 4; 5 > 4 alone
+    assert sizes == [1, 1, 2, 1, 1]  # items per batch

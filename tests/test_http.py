@@ -110,6 +110,30 @@ def test_bad_request_does_not_fail_its_batch_neighbours(server):
     assert [r.status_code for r in responses] == [200] * 12 + [400] * 4
 
 
+def test_ingress_tokenizes_and_the_embedder_answers_each_merged_request(server, minilm_root):
+    """The ingress tokenizes with the artifact's own tokenizer (TextPreparer); the embedder answers a merged call
+    of tokenized requests, or of texts with one over the limit, per request, with the vectors of a lone text."""
+    from ray import serve
+
+    from export_jobs import manifest
+    from serve_app.errors import InputTooLong
+    from serve_app.runtime import TextPreparer
+
+    handle = serve.get_deployment_handle(f"embed-{MODEL}", app_name="test")
+    preparer = TextPreparer(manifest.load(minilm_root)[MODEL], minilm_root)
+    texts = [["The capital of France is Paris."], ["ok", "a b c"], ["¿Dónde está la biblioteca?"]]
+    merged = handle.embed_prepared_many.remote([preparer.prepare(t) for t in texts]).result()
+    from_texts = handle.embed_many.remote([texts[0], ["word " * 300], texts[2]]).result()
+    assert isinstance(from_texts[1], InputTooLong) and "256" in str(from_texts[1])
+    for i, request in enumerate(texts):
+        vectors, tokens = merged[i]
+        lone = httpx.post(f"{server}/v1/embeddings", json={"model": MODEL, "input": request}).json()
+        np.testing.assert_allclose(vectors, [d["embedding"] for d in lone["data"]], atol=1e-5)
+        assert tokens == lone["usage"]["prompt_tokens"] == sum(p.tokens for p in preparer.prepare(request))
+    np.testing.assert_allclose(from_texts[0][0], merged[0][0], atol=1e-6)
+    np.testing.assert_allclose(from_texts[2][0], merged[2][0], atol=1e-6)
+
+
 def test_concurrent_requests_form_batches(server):
     from ray import serve
 

@@ -35,6 +35,16 @@ def test_verify_detects_tampering(tmp_path):
         manifest.verify(tmp_path, entry)
 
 
+def test_verify_only_named_files(tmp_path):
+    """The ingress checks the tokenizer it loads, not the whole model: ``only`` limits the check to those files."""
+    entry = _entry(tmp_path)
+    manifest.commit(tmp_path, entry)
+    entry.model_path(tmp_path).write_text("grapH")
+    manifest.verify(tmp_path, entry, only={"tokenizer.json"})  # not an entry file: nothing to check
+    with pytest.raises(ManifestError, match="model.onnx"):
+        manifest.verify(tmp_path, entry, only={"model.onnx"})
+
+
 def test_commit_refuses_entry_without_files(tmp_path):
     entry = _entry(tmp_path)
     entry.model_path(tmp_path).unlink()

@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import os
 from typing import Any, Optional
 
 import numpy as np
@@ -23,7 +24,10 @@ api = FastAPI(title="onnx-serve", version="0.1.0",
 errors.install(api)
 
 
-INGRESS_IN_FLIGHT = 4  # merged calls one ingress replica keeps open to one embedder
+# Merged calls one ingress replica keeps open to one embedder. Each call costs the embedder replica (one per GPU
+# share, one event loop) the same Serve overhead whatever its size, so fewer, larger calls leave it more requests
+# a second; two keep the next call queued while one runs.
+INGRESS_IN_FLIGHT = int(os.environ.get("ONNX_SERVE_INGRESS_IN_FLIGHT", "2"))
 
 
 def _encode(vector: np.ndarray, fmt: str) -> np.ndarray | str:
