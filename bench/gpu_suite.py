@@ -202,6 +202,15 @@ def export_bert(model, directory: Path) -> tuple[Path, Path, dict]:
         fuse(fp32, mha, model.config, fp16=True, use_gpu=True, multi_head=True)
         to_packing_mode(mha, directory / "bert.fp16.mha.packed.onnx")
         to_static_packing(directory / "bert.fp16.mha.packed.onnx", directory / "bert.fp16.static.mha.onnx")
+        # the Q/K/V bias moved out of attention (exact): flash attention reads the projections in place
+        from export_jobs.attention_bias import move_attention_bias
+        from export_jobs.weight_layout import transpose_matmul_weights
+
+        proto = onnx.load(str(directory / "bert.fp16.static.mha.onnx"))
+        figures["attention bias moved"] = move_attention_bias(proto)
+        onnx.save(proto, str(directory / "bert.fp16.static.mha.nobias.onnx"))
+        figures["bert.fp16.static.mha.nobias FusedMatMul"] = transpose_matmul_weights(proto)
+        onnx.save(proto, str(directory / "bert.fp16.static.mha.nobias.t.onnx"))
     except Exception as exc:  # noqa: BLE001
         figures["mha_packing_error"] = f"{type(exc).__name__}: {exc}"
     for path in (fp16, directory / "bert.fp16.packed.onnx", directory / "bert.fp16.static.onnx"):
@@ -287,6 +296,11 @@ def section_embeddings(args) -> None:
             if static.exists():
                 sessions["ORT fused fp16 packed + CUDA graph, MultiHeadAttention"] = (
                     static, {"enable_cuda_graph": True})
+            for suffix, label in (("", ""), (".t", ", [out,in] weights")):
+                static = fp16_path.with_name(f"bert.fp16.static.mha.nobias{suffix}.onnx")
+                if static.exists():
+                    sessions[f"ORT fused fp16 packed + CUDA graph, MultiHeadAttention, bias moved{label}"] = (
+                        static, {"enable_cuda_graph": True})
             mha = fp16_path.with_name("bert.fp16.mha.packed.onnx")
             if mha.exists():
                 sessions["ORT fused fp16 packed + IO binding, MultiHeadAttention"] = (mha, {})
