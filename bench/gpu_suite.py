@@ -207,6 +207,9 @@ def export_bert(model, directory: Path) -> tuple[Path, Path, dict]:
         from export_jobs.weight_layout import transpose_matmul_weights
 
         proto = onnx.load(str(directory / "bert.fp16.static.mha.onnx"))
+        transposed = onnx.load(str(directory / "bert.fp16.static.mha.onnx"))
+        figures["bert.fp16.static.mha FusedMatMul"] = transpose_matmul_weights(transposed)
+        onnx.save(transposed, str(directory / "bert.fp16.static.mha.t.onnx"))
         figures["attention bias moved"] = move_attention_bias(proto)
         onnx.save(proto, str(directory / "bert.fp16.static.mha.nobias.onnx"))
         figures["bert.fp16.static.mha.nobias FusedMatMul"] = transpose_matmul_weights(proto)
@@ -292,10 +295,11 @@ def section_embeddings(args) -> None:
             if static.exists():
                 sessions["ORT fused fp16 packed + CUDA graph, GEMM auto-tune"] = (
                     static, {"enable_cuda_graph": True, "gemm": "tune"})
-            static = fp16_path.with_name("bert.fp16.static.mha.onnx")
-            if static.exists():
-                sessions["ORT fused fp16 packed + CUDA graph, MultiHeadAttention"] = (
-                    static, {"enable_cuda_graph": True})
+            for suffix, label in (("", ""), (".t", ", [out,in] weights")):
+                static = fp16_path.with_name(f"bert.fp16.static.mha{suffix}.onnx")
+                if static.exists():
+                    sessions[f"ORT fused fp16 packed + CUDA graph, MultiHeadAttention{label}"] = (
+                        static, {"enable_cuda_graph": True})
             for suffix, label in (("", ""), (".t", ", [out,in] weights")):
                 static = fp16_path.with_name(f"bert.fp16.static.mha.nobias{suffix}.onnx")
                 if static.exists():
