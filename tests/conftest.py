@@ -59,6 +59,30 @@ def make_tiny_bert(directory: Path, *, seed: int = 0, normalize: bool = True) ->
     return directory
 
 
+def export_eager_bert(out: Path, *, vocab: int, hidden: int, heads: int, intermediate: int, random_biases=False):
+    """A random 2-layer BertModel (eager attention, so the ORT optimizer fuses it) + mean pooling, exported fp32
+    to ``out / "fp32.onnx"``; returns (that path, the config). ``random_biases``: a fresh BERT's are zeros."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from export_jobs.specs import BertSpec
+    from export_jobs.torch_export import SentenceEncoder, example_inputs, export_module
+
+    config = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads,
+                        intermediate_size=intermediate)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = BertModel(config, add_pooling_layer=False).eval()
+    if random_biases:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.5)
+    module = SentenceEncoder(model, BertSpec.inputs, "mean", False).eval()
+    export_module(module, BertSpec(), example_inputs(BertSpec.inputs, vocab), module.output_names, out / "fp32.onnx", 18)
+    return out / "fp32.onnx", config
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))

@@ -13,27 +13,12 @@ import pytest
 
 @pytest.fixture(scope="module")
 def mha_graph(tmp_path_factory):
-    import torch
-    from transformers import BertConfig, BertModel
-
     from export_jobs.optimize import fuse
-    from export_jobs.specs import BertSpec
-    from export_jobs.torch_export import SentenceEncoder, example_inputs, export_module
+    from tests.conftest import export_eager_bert
 
-    config = BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=37)
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = BertModel(config, add_pooling_layer=False).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):  # a fresh BERT's biases are zeros: nothing to move
-                p.normal_(0, 0.5)
-    module = SentenceEncoder(model, BertSpec.inputs, "mean", False).eval()
     out = tmp_path_factory.mktemp("attention-bias")
-    export_module(module, BertSpec(), example_inputs(BertSpec.inputs, config.vocab_size), module.output_names,
-                  out / "fp32.onnx", 18)
-    fuse(out / "fp32.onnx", out / "mha.onnx", config, multi_head=True, expected={"MultiHeadAttention": 2})
+    fp32, config = export_eager_bert(out, vocab=300, hidden=32, heads=4, intermediate=37, random_biases=True)
+    fuse(fp32, out / "mha.onnx", config, multi_head=True, expected={"MultiHeadAttention": 2})
     return out / "mha.onnx"
 
 

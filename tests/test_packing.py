@@ -12,23 +12,13 @@ import pytest
 
 @pytest.fixture(scope="module")
 def fused_fp16(tmp_path_factory):
-    import torch
-    from transformers import BertConfig, BertModel
-
     from export_jobs.config import SpeedOption
     from export_jobs.optimize import apply_speed_option
-    from export_jobs.specs import BertSpec
-    from export_jobs.torch_export import SentenceEncoder, example_inputs, export_module
+    from tests.conftest import export_eager_bert
 
-    config = BertConfig(vocab_size=2000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128)
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    module = SentenceEncoder(BertModel(config, add_pooling_layer=False).eval(), BertSpec.inputs, "mean", False).eval()
     out = tmp_path_factory.mktemp("packing")
-    export_module(module, BertSpec(), example_inputs(BertSpec.inputs, config.vocab_size), module.output_names,
-                  out / "fp32.onnx", 18)
-    apply_speed_option(out / "fp32.onnx", out / "fp16.onnx", SpeedOption.fp16, config)
+    fp32, config = export_eager_bert(out, vocab=2000, hidden=64, heads=4, intermediate=128)
+    apply_speed_option(fp32, out / "fp16.onnx", SpeedOption.fp16, config)
     return out / "fp16.onnx"
 
 
