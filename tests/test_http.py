@@ -131,6 +131,10 @@ def test_ingress_tokenizes_and_the_embedder_answers_each_merged_request(server, 
         np.testing.assert_allclose(vectors, [d["embedding"] for d in lone["data"]], atol=1e-5)
         assert tokens == lone["usage"]["prompt_tokens"] == sum(p.tokens for p in preparer.prepare(request))
     np.testing.assert_allclose(from_texts[0][0], merged[0][0], atol=1e-6)
+    big = ["The capital of France is Paris. " * 20] * 40  # over INLINE_TOKENIZE_CHARS: tokenized off the loop
+    r = httpx.post(f"{server}/v1/embeddings", json={"model": MODEL, "input": big}, timeout=60)
+    assert r.status_code == 200 and len(r.json()["data"]) == 40
+    np.testing.assert_allclose(r.json()["data"][39]["embedding"], r.json()["data"][0]["embedding"], atol=1e-6)
     np.testing.assert_allclose(from_texts[2][0], merged[2][0], atol=1e-6)
 
 

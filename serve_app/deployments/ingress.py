@@ -30,6 +30,9 @@ errors.install(api)
 INGRESS_IN_FLIGHT = int(os.environ.get("ONNX_SERVE_INGRESS_IN_FLIGHT", "2"))
 
 
+INLINE_TOKENIZE_CHARS = 16_384  # larger requests are tokenized in a worker thread
+
+
 def _encode(vector: np.ndarray, fmt: str) -> np.ndarray | str:
     if fmt == "base64":
         return base64.b64encode(np.ascontiguousarray(vector, "<f4").tobytes()).decode()
@@ -139,7 +142,10 @@ class Ingress:
         if request.dimensions is not None and request.dimensions != dim:
             raise InvalidRequest(f"dimensions must be {dim} for {request.model}", "dimensions")
         batcher, preparer = self.batchers.get(request.model), self.preparers.get(request.model)
-        items = preparer.prepare(texts) if preparer else texts  # InputTooLong: a 400 before any hop
+        items = texts
+        if preparer is not None:  # InputTooLong: a 400 before any hop
+            big = sum(map(len, texts)) > INLINE_TOKENIZE_CHARS  # off the event loop, which serves every request
+            items = await asyncio.to_thread(preparer.prepare, texts) if big else preparer.prepare(texts)
         if request.model in self.local:
             vectors, tokens = await self._call(lambda: handle.embed(texts))
         elif batcher is not None:
