@@ -151,6 +151,8 @@ def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
     host = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
     out["host"] = (int(host[0]) + int(host[1]) + int(host[2])) / tick  # user, nice, system
     return out
+
+
 IN_INGRESS = "-in-ingress"
 
 

@@ -69,15 +69,21 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
 
 
+def load_tokenizer(entry: ManifestEntry, root: str | Path) -> Tokenizer:
+    """The artifact's tokenizer, as the export saved it, with padding and truncation off (we check lengths)."""
+    tokenizer = Tokenizer.from_file(str(entry.dir_path(root) / entry.metadata["tokenizer"]))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
 class TextPreparer:
     """A token-input encoder's tokenizer and token limit, without its session: the ingress tokenizes with it
     so that the model replica, one per GPU, spends its CPU on batches and not on text."""
 
     def __init__(self, entry: ManifestEntry, root: str | Path, *, truncate: bool = False):
         self.model_id, self.max_length, self.truncate = entry.id, entry.max_length, truncate
-        self.tokenizer = Tokenizer.from_file(str(entry.dir_path(root) / entry.metadata["tokenizer"]))
-        self.tokenizer.no_padding()
-        self.tokenizer.no_truncation()
+        self.tokenizer = load_tokenizer(entry, root)
 
     def prepare(self, texts: list[str]) -> list[Prepared]:
         """Tokenize; refuse (or truncate, if configured) texts over the model's token limit."""
@@ -104,7 +110,7 @@ class EncoderSession:
         graphs (serve_app.encoder_graphs), when every node of the graph runs on CUDA (fused exports)."""
         meta = entry.metadata
         self.preparer = TextPreparer(entry, root, truncate=truncate)
-        self.model_id, self.dim, self.max_length, self.truncate = entry.id, entry.dim, entry.max_length, truncate
+        self.model_id, self.dim, self.max_length = entry.id, entry.dim, entry.max_length
         self.mode, self.normalize = meta["mode"], bool(meta.get("normalize"))
         self.pad_id = int(meta.get("pad_token_id", 0))
         eps = providers(use_gpu)

@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, TypeVar
 
-from tokenizers import Tokenizer
-
 from export_jobs.manifest import ManifestEntry
 
 from .chat import ChatTemplate
@@ -19,7 +17,7 @@ from .continuous import CONTINUOUS_SLOTS, ContinuousBatcher
 from .detokenize import IncrementalDecoder, StopStringMatcher
 from .errors import InputTooLong, InvalidRequest
 from .generation import DecoderSession, SamplingParams, generate
-from .runtime import providers, session_options
+from .runtime import load_tokenizer, providers, session_options
 from .static_generation import StaticDecoderSession, generate_static
 
 T = TypeVar("T")
@@ -71,9 +69,7 @@ class TextGenerator:
             self.session = DecoderSession(entry.model_path(root), meta["decoder"], providers=eps,
                                           session_options=session_options(threads, eps))
             self._generate = generate
-        self.tokenizer = Tokenizer.from_file(str(directory / meta["tokenizer"]))
-        self.tokenizer.no_padding()
-        self.tokenizer.no_truncation()
+        self.tokenizer = load_tokenizer(entry, root)
         self.pad_id = meta.get("pad_token_id")
         self.add_special_tokens = bool(meta.get("add_special_tokens", True))
         self.chat = ChatTemplate.from_tokenizer_dir((directory / meta["tokenizer"]).parent)
