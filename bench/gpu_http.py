@@ -135,22 +135,28 @@ def serve_processes(app: str) -> dict[str, list[int]]:
     return out
 
 
-def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
-    """User + system CPU seconds of each group so far (/proc/PID/stat fields 14-15), and of the whole host."""
-    tick = os.sysconf("SC_CLK_TCK")
-    out = {}
+def cpu_ticks(pids: dict[str, list[int]]) -> dict[str, dict[int, int]]:
+    """User + system CPU ticks of each process so far (/proc/PID/stat fields 14-15), and of the whole host."""
+    out: dict[str, dict[int, int]] = {}
     for name, group in pids.items():
-        total = 0
+        out[name] = {}
         for pid in group:
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])
+                out[name][pid] = int(fields[11]) + int(fields[12])
             except (OSError, IndexError, ValueError):
-                pass
-        out[name] = total / tick
+                pass  # gone already
     host = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    out["host"] = (int(host[0]) + int(host[1]) + int(host[2])) / tick  # user, nice, system
+    out["host"] = {0: int(host[0]) + int(host[1]) + int(host[2])}  # user, nice, system
     return out
+
+
+def cpu_spent(before: dict[str, dict[int, int]], after: dict[str, dict[int, int]]) -> dict[str, float]:
+    """CPU seconds of each group between two readings. A process that started in between (HAProxy reloads into a
+    new one) counts from its start; one that exited in between drops out, never as a negative figure."""
+    tick = os.sysconf("SC_CLK_TCK")
+    return {name: sum(ticks - before.get(name, {}).get(pid, 0) for pid, ticks in group.items()) / tick
+            for name, group in after.items()}
 
 
 IN_INGRESS = "-in-ingress"
@@ -182,19 +188,19 @@ async def measure(url: str, mode: str, app: str, batch: int, loads: list[tuple[i
             break
         await asyncio.sleep(0.5)
     rows = []
-    pids = serve_processes(app)
     for conc, requests in loads:
         before = len(await handle.batch_stats.remote()) if handle else 0
-        cpu_before, wall_before = cpu_seconds(pids), time.perf_counter()
+        cpu_before, wall_before = cpu_ticks(serve_processes(app)), time.perf_counter()
         if pool is not None and conc > 1 and clients > 1:
             seconds, lat, failures = await asyncio.get_running_loop().run_in_executor(
                 None, load_split, pool, url, conc, requests, clients, client)
         else:
             seconds, lat, failures = await LOADERS[client](url, conc, requests)
-        cpu_after, wall = cpu_seconds(pids), time.perf_counter() - wall_before
+        pids = serve_processes(app)  # listed again: HAProxy may have reloaded into a new process meanwhile
+        spent, wall = cpu_spent(cpu_before, cpu_ticks(pids)), time.perf_counter() - wall_before
         # where the CPU went: ms per request of each group, and how many cores each kept busy
-        cpu = {f"cpu_ms_{name}": 1000 * (cpu_after[name] - cpu_before[name]) / requests for name in cpu_after}
-        cpu.update({f"cores_{name}": (cpu_after[name] - cpu_before[name]) / wall for name in cpu_after})
+        cpu = {f"cpu_ms_{name}": 1000 * seconds / requests for name, seconds in spent.items()}
+        cpu.update({f"cores_{name}": seconds / wall for name, seconds in spent.items()})
         cpu.update({f"n_{name}": len(group) for name, group in pids.items()})
         batches = (await handle.batch_stats.remote())[before:] if handle else []
         health = None
