@@ -28,11 +28,13 @@ from common import percentile, table, time_ms  # noqa: E402
 OUT = Path(os.environ.get("OUT", "/tmp/gpu_http_out"))
 
 
-def model_config(num_gpus: float, max_batch_size: int = 32, wait_s: float = 0.0, optimize: str = "none"):
+def model_config(num_gpus: float, max_batch_size: int = 32, wait_s: float = 0.0, optimize: str = "none",
+                 replicas: int = 1):
     from export_jobs.config import ModelConfig
 
     return ModelConfig(id=MODEL, source=SOURCE, optimize=optimize, serving={
-        "num_gpus": num_gpus, "num_cpus": 1.0, "max_batch_size": max_batch_size, "batch_wait_timeout_s": wait_s,
+        "num_replicas": replicas, "num_gpus": num_gpus, "num_cpus": 1.0, "max_batch_size": max_batch_size,
+        "batch_wait_timeout_s": wait_s,
         "max_ongoing_requests": 512, "max_queued_requests": 4096})
 
 
@@ -177,12 +179,13 @@ def load_split(pool, url: str, concurrency: int, requests: int, clients: int, cl
 
 
 async def measure(url: str, mode: str, app: str, batch: int, loads: list[tuple[int, int]], pool=None,
-                  clients: int = 1, client: str = "raw") -> list[dict]:
-    """Inside one event loop: throughput mode's handles refuse to work outside a running loop."""
+                  clients: int = 1, client: str = "raw", batch_stats: bool = True) -> list[dict]:
+    """Inside one event loop: throughput mode's handles refuse to work outside a running loop. batch_stats=False
+    where there is no one embedder replica to ask for its batch sizes (in the ingress, or several replicas)."""
     from ray import serve
 
-    colocated = mode.endswith(IN_INGRESS)  # no embedder deployment to ask for its batch sizes
-    handle = None if colocated else serve.get_deployment_handle(f"embed-{MODEL}", app_name=app)
+    batch_stats = batch_stats and not mode.endswith(IN_INGRESS)
+    handle = serve.get_deployment_handle(f"embed-{MODEL}", app_name=app) if batch_stats else None
     for _ in range(20):  # warm-up (CUDA kernels, connections), until the proxy routes to this app
         if (await load_raw(url, 8, 200))[2] == 0:
             break
@@ -248,8 +251,8 @@ def http_child(args) -> None:
     loop = asyncio.new_event_loop()  # one loop for all: handles stay bound to the loop they first ran in
     for batch in args.batches:
         # in the ingress: every ingress replica holds a session, and together they get the GPU share
-        gpus = args.num_gpus / args.ingress_replicas if args.embed_in_ingress else args.num_gpus
-        model = model_config(gpus, batch, args.wait, args.optimize)
+        gpus = args.num_gpus / (args.ingress_replicas if args.embed_in_ingress else args.embedder_replicas)
+        model = model_config(gpus, batch, args.wait, args.optimize, args.embedder_replicas)
         app = build(AppConfig(project=ProjectConfig(artifacts=args.artifacts, models=(model,)),
                               server=ServerSettings(ingress_replicas=args.ingress_replicas,
                                                     embed_in_ingress=args.embed_in_ingress)),
@@ -259,7 +262,7 @@ def http_child(args) -> None:
         print(f"[{mode}] max_batch_size {batch}: app up in {time.perf_counter() - start:.1f} s; "
               f"GPU apps: {gpu_apps()}", flush=True)
         for row in loop.run_until_complete(measure(url, mode, f"bench{batch}", batch, args.load, pool, args.clients,
-                                                         args.client)):
+                                                   args.client, batch_stats=args.embedder_replicas == 1)):
             print("ROW " + json.dumps(row), flush=True)
         serve.delete(f"bench{batch}")
     if pool is not None:
@@ -276,7 +279,8 @@ def run_child(args, mode: str) -> list[dict]:
     cmd = [sys.executable, __file__, "--http-only", "--artifacts", args.artifacts, "--num-gpus", str(args.num_gpus),
            *(["--embed-in-ingress"] if mode.endswith(IN_INGRESS) else []),
            "--batches", *map(str, args.batches), "--clients", str(args.clients),
-           "--ingress-replicas", str(args.ingress_replicas), "--client", args.client, "--wait", str(args.wait),
+           "--ingress-replicas", str(args.ingress_replicas), "--embedder-replicas", str(args.embedder_replicas),
+           "--client", args.client, "--wait", str(args.wait),
            "--optimize", args.optimize,
            "--load", *(f"{c}:{n}" for c, n in args.load)]
     log = OUT / f"child_{mode}.log"
@@ -324,6 +328,8 @@ def main() -> None:
                         help=f"Serve mode; '{IN_INGRESS}': server.embed_in_ingress (the ingress replicas embed)")
     parser.add_argument("--embed-in-ingress", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ingress-replicas", type=int, default=1, help="server.ingress_replicas")
+    parser.add_argument("--embedder-replicas", type=int, default=1,
+                        help="embedder replicas, sharing --num-gpus between them (one GPU)")
     parser.add_argument("--clients", type=int, default=8,
                         help="client processes sharing the load above concurrency 1 (1: one asyncio client)")
     parser.add_argument("--client", choices=sorted(LOADERS), default="raw",
@@ -348,7 +354,8 @@ def main() -> None:
     result = {"onnxruntime": ort.__version__, "ray": ray.__version__, "python": sys.version.split()[0],
               "gpu": subprocess.run("nvidia-smi --query-gpu=name,driver_version --format=csv,noheader -i 0",
                                     shell=True, capture_output=True, text=True).stdout.strip() or "none",
-              "cpus": os.cpu_count(), "parity_max_abs_diff": entry.parity.max_abs_diff}
+              "cpus": os.cpu_count(), "parity_max_abs_diff": entry.parity.max_abs_diff,
+              "ingress_replicas": args.ingress_replicas, "embedder_replicas": args.embedder_replicas}
     if use_gpu:
         result["bare_process_provider_without_preload"] = cuda_ep_without_preload(args.artifacts, entry)
     result["kernel"] = kernel(args.artifacts, entry, use_gpu)
@@ -372,6 +379,7 @@ def main() -> None:
     (OUT / "gpu_http.json").write_text(json.dumps(result, indent=1))
     k = result["kernel"]
     print(f"\n{MODEL}, {result['gpu']}, onnxruntime {result['onnxruntime']}, ray {result['ray']}; "
+          f"{args.ingress_replicas} ingress and {args.embedder_replicas} embedder replicas; "
           f"session providers {k['providers']}, CUDA graphs {k.get('cuda_graphs')}; model alone (prepare+run, 1 text) p50 {k['one_text_p50_ms']:.3f} ms, "
           f"min {k['one_text_min_ms']:.3f} ms; 32 texts {k['batch32_p50_ms']:.3f} ms; one text in a worker thread "
           f"{k['run_in_thread_p50_ms']:.3f} ms, on the loop {k['run_on_loop_p50_ms']:.3f} ms; one 384-d response: "
