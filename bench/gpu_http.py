@@ -3,10 +3,15 @@
 For each Serve mode (default; throughput = RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1,
 one child process each because the flags are read when Ray starts) and each max_batch_size, it loads the
 endpoint at each concurrency with one text per request. The path cost at concurrency 1 is the HTTP p50
-minus the p50 of `EncoderSession.run(prepare([text]))` timed in this process on the same device.
+minus the p50 of `EncoderSession.run(prepare([text]))` timed in this process on the same device. A '-floor'
+mode serves, on the same route, a FastAPI ingress that hands the body to a second deployment that returns its
+length: Serve's own cost for a composed route, with no model and none of this project's code.
 
     python bench/gpu_http.py                       # GPU host: num_gpus 0.5, CUDA EP
     python bench/gpu_http.py --num-gpus 0 --load 1:10 8:40 --batches 1 32   # logic check on CPU
+    python bench/gpu_http.py --modes throughput-floor throughput throughput-in-ingress --batches 64 --load 1:1500
+
+Each replica reserves one CPU (REPLICA_CPUS): --embedder-replicas 2 needs 3 CPUs free for Ray, besides HAProxy.
 """
 from __future__ import annotations
 
@@ -28,12 +33,15 @@ from common import percentile, table, time_ms  # noqa: E402
 OUT = Path(os.environ.get("OUT", "/tmp/gpu_http_out"))
 
 
+REPLICA_CPUS = 1  # serving.num_cpus: the replica's session runs this many threads
+
+
 def model_config(num_gpus: float, max_batch_size: int = 32, wait_s: float = 0.0, optimize: str = "none",
                  replicas: int = 1):
     from export_jobs.config import ModelConfig
 
     return ModelConfig(id=MODEL, source=SOURCE, optimize=optimize, serving={
-        "num_replicas": replicas, "num_gpus": num_gpus, "num_cpus": 1.0, "max_batch_size": max_batch_size,
+        "num_replicas": replicas, "num_gpus": num_gpus, "num_cpus": REPLICA_CPUS, "max_batch_size": max_batch_size,
         "batch_wait_timeout_s": wait_s,
         "max_ongoing_requests": 512, "max_queued_requests": 4096})
 
@@ -60,7 +68,7 @@ def cuda_ep_without_preload(root: str, entry) -> str:
 def kernel(root: str, entry, use_gpu: bool) -> dict:
     from serve_app.runtime import EncoderSession
 
-    session = EncoderSession(entry, root, use_gpu=use_gpu)
+    session = EncoderSession(entry, root, use_gpu=use_gpu, threads=REPLICA_CPUS)  # as in the replica
     text = SENTENCES[0]
     one = time_ms(lambda: session.run(session.prepare([text])), warmup=30, repeats=300)
     items = session.prepare(SENTENCES[:32])
@@ -118,7 +126,7 @@ def gpu_apps() -> str:
 
 
 LOADERS = {"raw": load_raw, "httpx": load}
-GROUPS = {"ingress": ":Ingress", "embedder": ":embed-", "haproxy": "haproxy"}
+GROUPS = {"ingress": (":Ingress", ":Front"), "embedder": (":embed-", ":Echo"), "haproxy": ("haproxy",)}  # Front, Echo: the floor app
 
 
 def serve_processes(app: str) -> dict[str, list[int]]:
@@ -131,8 +139,8 @@ def serve_processes(app: str) -> dict[str, list[int]]:
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        for name, key in GROUPS.items():
-            if key in cmd and (name == "haproxy" or f"ServeReplica:{app}:" in cmd):
+        for name, keys in GROUPS.items():
+            if any(key in cmd for key in keys) and (name == "haproxy" or f"ServeReplica:{app}:" in cmd):
                 out[name].append(int(entry.name))
     return out
 
@@ -162,6 +170,40 @@ def cpu_spent(before: dict[str, dict[int, int]], after: dict[str, dict[int, int]
 
 
 IN_INGRESS = "-in-ingress"
+FLOOR = "-floor"
+
+
+def floor_app():
+    """HTTP -> a FastAPI ingress -> a handle call to a second deployment -> back, doing nothing else."""
+    from fastapi import FastAPI, Request
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(max_ongoing_requests=512)
+    class Echo:
+        async def size(self, body: bytes) -> int:
+            return len(body)
+
+    @serve.deployment(max_ongoing_requests=512)
+    @serve.ingress(api)
+    class Front:
+        def __init__(self, echo):
+            self.echo = echo
+
+        async def embeddings(self, request):
+            return {"bytes": await self.echo.size.remote(await request.body())}
+
+        # real objects, not the strings `from __future__ import annotations` leaves, which FastAPI cannot resolve
+        # once Ray has shipped this class to the replica
+        embeddings.__annotations__ = {"request": Request, "return": dict}
+        api.post("/v1/embeddings")(embeddings)
+
+        @api.get("/health")
+        async def health(self) -> dict:
+            return {"status": "ok"}
+
+    return Front.bind(Echo.bind())
 
 
 def _client(url: str, concurrency: int, requests: int, client: str) -> tuple[float, list[float], int]:
@@ -232,7 +274,7 @@ def http_child(args) -> None:
     from conftest import free_port
 
     mode = "throughput" if os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1" else "default"
-    mode += IN_INGRESS if args.embed_in_ingress else ""
+    mode += IN_INGRESS if args.embed_in_ingress else FLOOR if args.floor else ""
     env_vars = {k: v for k, v in os.environ.items() if k == "PYTHONPATH" or k.startswith("ONNX_SERVE_")}
     start = time.perf_counter()
     ray.init(address="local", include_dashboard=False, log_to_driver=False, namespace="serve",
@@ -249,20 +291,24 @@ def http_child(args) -> None:
         pool = ProcessPoolExecutor(args.clients, mp_context=multiprocessing.get_context("spawn"))
         list(pool.map(abs, range(args.clients)))  # start the client processes before timing
     loop = asyncio.new_event_loop()  # one loop for all: handles stay bound to the loop they first ran in
-    for batch in args.batches:
+    for batch in [0] if args.floor else args.batches:  # the floor app has no batching: one pass, batch "0"
         # in the ingress: every ingress replica holds a session, and together they get the GPU share
         gpus = args.num_gpus / (args.ingress_replicas if args.embed_in_ingress else args.embedder_replicas)
-        model = model_config(gpus, batch, args.wait, args.optimize, args.embedder_replicas)
-        app = build(AppConfig(project=ProjectConfig(artifacts=args.artifacts, models=(model,)),
-                              server=ServerSettings(ingress_replicas=args.ingress_replicas,
-                                                    embed_in_ingress=args.embed_in_ingress)),
-                    manifest.load(args.artifacts))
+        if args.floor:
+            app = floor_app()
+        else:
+            model = model_config(gpus, batch, args.wait, args.optimize, args.embedder_replicas)
+            app = build(AppConfig(project=ProjectConfig(artifacts=args.artifacts, models=(model,)),
+                                  server=ServerSettings(ingress_replicas=args.ingress_replicas,
+                                                        embed_in_ingress=args.embed_in_ingress)),
+                        manifest.load(args.artifacts))
         start = time.perf_counter()
         serve.run(app, name=f"bench{batch}", route_prefix="/")
         print(f"[{mode}] max_batch_size {batch}: app up in {time.perf_counter() - start:.1f} s; "
               f"GPU apps: {gpu_apps()}", flush=True)
         for row in loop.run_until_complete(measure(url, mode, f"bench{batch}", batch, args.load, pool, args.clients,
-                                                   args.client, batch_stats=args.embedder_replicas == 1)):
+                                                   args.client,
+                                                   batch_stats=args.embedder_replicas == 1 and not args.floor)):
             print("ROW " + json.dumps(row), flush=True)
         serve.delete(f"bench{batch}")
     if pool is not None:
@@ -278,6 +324,7 @@ def run_child(args, mode: str) -> list[dict]:
         env.pop(key, None)
     cmd = [sys.executable, __file__, "--http-only", "--artifacts", args.artifacts, "--num-gpus", str(args.num_gpus),
            *(["--embed-in-ingress"] if mode.endswith(IN_INGRESS) else []),
+           *(["--floor"] if mode.endswith(FLOOR) else []),
            "--batches", *map(str, args.batches), "--clients", str(args.clients),
            "--ingress-replicas", str(args.ingress_replicas), "--embedder-replicas", str(args.embedder_replicas),
            "--client", args.client, "--wait", str(args.wait),
@@ -324,9 +371,11 @@ def main() -> None:
     parser.add_argument("--load", type=pair, nargs="+", default=[(1, 300), (256, 3000)],
                         help="concurrency:requests pairs")
     parser.add_argument("--modes", nargs="+", default=["default", "throughput"],
-                        choices=["default", "throughput", "default" + IN_INGRESS, "throughput" + IN_INGRESS],
-                        help=f"Serve mode; '{IN_INGRESS}': server.embed_in_ingress (the ingress replicas embed)")
+                        choices=[m + s for m in ("default", "throughput") for s in ("", IN_INGRESS, FLOOR)],
+                        help=f"Serve mode; '{IN_INGRESS}': server.embed_in_ingress (the ingress replicas embed); "
+                             f"'{FLOOR}': a composed route that does nothing (Serve's own cost)")
     parser.add_argument("--embed-in-ingress", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ingress-replicas", type=int, default=1, help="server.ingress_replicas")
     parser.add_argument("--embedder-replicas", type=int, default=1,
                         help="embedder replicas, sharing --num-gpus between them (one GPU)")
@@ -370,7 +419,8 @@ def main() -> None:
     table_rows = []
     for r in rows:
         speedup = r["req_s"] / base[(r["mode"], r["concurrency"])] if (r["mode"], r["concurrency"]) in base else None
-        path = f"{r['p50_ms'] - model_ms:.2f}" if r["concurrency"] == 1 else "-"
+        floor = r["mode"].endswith(FLOOR)  # no model: the whole p50 is the path
+        path = f"{r['p50_ms'] - (0 if floor else model_ms):.2f}" if r["concurrency"] == 1 else "-"
         health = f"{r['health_p50_ms']:.2f}" if r.get("health_p50_ms") else "-"
         table_rows.append((r["mode"], r["max_batch_size"], r["concurrency"], r.get("clients", 1), r["requests"], f"{r['req_s']:.0f}",
                            f"{speedup:.1f}x" if speedup else "-", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
