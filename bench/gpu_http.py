@@ -126,7 +126,8 @@ def gpu_apps() -> str:
 
 
 LOADERS = {"raw": load_raw, "httpx": load}
-GROUPS = {"ingress": (":Ingress", ":Front"), "embedder": (":embed-", ":Echo"), "haproxy": ("haproxy",)}  # Front, Echo: the floor app
+# process groups by replica name (Front, Echo: the floor app's)
+GROUPS = {"ingress": (":Ingress", ":Front"), "embedder": (":embed-", ":Echo"), "haproxy": ("haproxy",)}
 
 
 def serve_processes(app: str) -> dict[str, list[int]]:
@@ -173,7 +174,7 @@ IN_INGRESS = "-in-ingress"
 FLOOR = "-floor"
 
 
-def floor_app():
+def floor_app(ingress_replicas: int = 1):
     """HTTP -> a FastAPI ingress -> a handle call to a second deployment -> back, doing nothing else."""
     from fastapi import FastAPI, Request
     from ray import serve
@@ -203,7 +204,7 @@ def floor_app():
         async def health(self) -> dict:
             return {"status": "ok"}
 
-    return Front.bind(Echo.bind())
+    return Front.options(num_replicas=ingress_replicas).bind(Echo.bind())
 
 
 def _client(url: str, concurrency: int, requests: int, client: str) -> tuple[float, list[float], int]:
@@ -295,7 +296,7 @@ def http_child(args) -> None:
         # in the ingress: every ingress replica holds a session, and together they get the GPU share
         gpus = args.num_gpus / (args.ingress_replicas if args.embed_in_ingress else args.embedder_replicas)
         if args.floor:
-            app = floor_app()
+            app = floor_app(args.ingress_replicas)
         else:
             model = model_config(gpus, batch, args.wait, args.optimize, args.embedder_replicas)
             app = build(AppConfig(project=ProjectConfig(artifacts=args.artifacts, models=(model,)),
