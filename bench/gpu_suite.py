@@ -207,7 +207,8 @@ def export_bert(model, directory: Path) -> tuple[Path, Path, dict]:
         from export_jobs.weight_layout import transpose_matmul_weights
 
         proto = onnx.load(str(directory / "bert.fp16.static.mha.onnx"))
-        transposed = onnx.load(str(directory / "bert.fp16.static.mha.onnx"))
+        transposed = onnx.ModelProto()
+        transposed.CopyFrom(proto)  # one read of the file for both rewrites
         figures["bert.fp16.static.mha FusedMatMul"] = transpose_matmul_weights(transposed)
         onnx.save(transposed, str(directory / "bert.fp16.static.mha.t.onnx"))
         figures["attention bias moved"] = move_attention_bias(proto)
@@ -295,16 +296,12 @@ def section_embeddings(args) -> None:
             if static.exists():
                 sessions["ORT fused fp16 packed + CUDA graph, GEMM auto-tune"] = (
                     static, {"enable_cuda_graph": True, "gemm": "tune"})
-            for suffix, label in (("", ""), (".t", ", [out,in] weights")):
-                static = fp16_path.with_name(f"bert.fp16.static.mha{suffix}.onnx")
-                if static.exists():
-                    sessions[f"ORT fused fp16 packed + CUDA graph, MultiHeadAttention{label}"] = (
-                        static, {"enable_cuda_graph": True})
-            for suffix, label in (("", ""), (".t", ", [out,in] weights")):
-                static = fp16_path.with_name(f"bert.fp16.static.mha.nobias{suffix}.onnx")
-                if static.exists():
-                    sessions[f"ORT fused fp16 packed + CUDA graph, MultiHeadAttention, bias moved{label}"] = (
-                        static, {"enable_cuda_graph": True})
+            for stem, bias in (("mha", ""), ("mha.nobias", ", bias moved")):
+                for suffix, label in (("", ""), (".t", ", [out,in] weights")):
+                    static = fp16_path.with_name(f"bert.fp16.static.{stem}{suffix}.onnx")
+                    if static.exists():
+                        sessions[f"ORT fused fp16 packed + CUDA graph, MultiHeadAttention{bias}{label}"] = (
+                            static, {"enable_cuda_graph": True})
             mha = fp16_path.with_name("bert.fp16.mha.packed.onnx")
             if mha.exists():
                 sessions["ORT fused fp16 packed + IO binding, MultiHeadAttention"] = (mha, {})
