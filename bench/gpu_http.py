@@ -38,7 +38,7 @@ REPLICA_CPUS = 1  # serving.num_cpus: the replica's session runs this many threa
 
 def model_config(num_gpus: float, max_batch_size: int = 32, wait_s: float = 0.0, optimize: str = "none",
                  replicas: int = 1):
-    from export_jobs.config import ModelConfig
+    from contract.config import ModelConfig
 
     return ModelConfig(id=MODEL, source=SOURCE, optimize=optimize, serving={
         "num_replicas": replicas, "num_gpus": num_gpus, "num_cpus": REPLICA_CPUS, "max_batch_size": max_batch_size,
@@ -47,7 +47,7 @@ def model_config(num_gpus: float, max_batch_size: int = 32, wait_s: float = 0.0,
 
 
 def ensure_artifact(root: str, cfg):
-    from export_jobs import manifest
+    from contract import manifest
     from export_jobs.job import export_one, is_current
 
     if not is_current(cfg, root):
@@ -66,7 +66,7 @@ def cuda_ep_without_preload(root: str, entry) -> str:
 
 
 def kernel(root: str, entry, use_gpu: bool) -> dict:
-    from serve_app.runtime import EncoderSession
+    from inference.encoder import EncoderSession
 
     session = EncoderSession(entry, root, use_gpu=use_gpu, threads=REPLICA_CPUS)  # as in the replica
     text = SENTENCES[0]
@@ -266,10 +266,10 @@ def http_child(args) -> None:
     import ray
     from ray import serve
 
-    from export_jobs import manifest
-    from export_jobs.config import ProjectConfig
+    from contract import manifest
+    from contract.config import ProjectConfig
     from serve_app.app import build
-    from serve_app.settings import AppConfig, ServerSettings
+    from contract.settings import AppConfig, ServerSettings
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import free_port

@@ -46,7 +46,7 @@ VARIANTS = {"own": {"continuous_batching": False, "stream_interval_s": 0.0},
 
 
 def model_config(source: str, optimize: str, gpus: float, variant: str):
-    from export_jobs.config import ModelConfig
+    from contract.config import ModelConfig
 
     return ModelConfig(id=MODEL, source=source, task="generation", optimize=optimize,
                        serving={"num_gpus": gpus, "num_cpus": 1, "max_ongoing_requests": 256, **VARIANTS[variant]})
@@ -118,11 +118,11 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from export_jobs import manifest
-    from export_jobs.config import ProjectConfig
+    from contract import manifest
+    from contract.config import ProjectConfig
     from export_jobs.job import export_one, is_current
     from serve_app.app import build
-    from serve_app.settings import AppConfig, ServerSettings
+    from contract.settings import AppConfig, ServerSettings
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import free_port

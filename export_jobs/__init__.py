@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .config import ModelConfig, ProjectConfig, default_config
+from contract.config import ModelConfig, ProjectConfig, default_config
 
 if TYPE_CHECKING:
     from .run import ExportResult, export_models

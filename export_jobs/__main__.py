@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ProjectConfig, default_config
+from contract.config import ProjectConfig, default_config
 
 
 def main(argv: list[str] | None = None) -> int:

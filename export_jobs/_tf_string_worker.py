@@ -50,7 +50,7 @@ def tf_run(saved_model_dir: str, batches: list[list[str]]) -> dict[str, np.ndarr
 
 
 def _extensions_library_path() -> str:
-    # On disk, like serve_app.text_runtime: importing onnxruntime_extensions imports torch.
+    # On disk, like inference.string_encoder: importing onnxruntime_extensions imports torch.
     import importlib.machinery
     import importlib.util
     import os

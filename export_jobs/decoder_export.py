@@ -29,8 +29,9 @@ import onnx
 import torch
 from transformers import DynamicCache
 
+from contract.config import Task
+
 from . import specs
-from .config import Task
 from .specs import DecoderSpec
 
 TWO_GB = 2**31

@@ -5,7 +5,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from .config import ModelConfig, Precision, SpeedOption
+from contract.config import ModelConfig, SpeedOption
+
 from .sources import ResolvedSource
 from .specs import DecoderSpec, spec_for
 from .validate import ExportError
@@ -27,8 +28,6 @@ def export_decoder_model(cfg: ModelConfig, resolved: ResolvedSource, staging: Pa
     from .decoder_sources import save_tokenizer
     from .decoder_validate import validate_decoder
 
-    if cfg.precision is not Precision.fp32:
-        raise ExportError(f"{cfg.id}: decoders are exported in fp32 and gated; for float16 use optimize: fp16")
     if cfg.optimize not in (SpeedOption.none, SpeedOption.fused, SpeedOption.fp16, *WEIGHT_BITS):
         raise ExportError(f"{cfg.id}: decoders take optimize: none, fused (the static-cache GQA graph), fp16 (that "
                           f"graph in float16), int8 or int4 (its weights quantized), not {cfg.optimize.value}")

@@ -2,7 +2,7 @@
 
 1. logits parity on a left-padded prefill and on several decode steps fed from the exported KV
    cache (max abs difference over real, non-pad positions);
-2. greedy generation with the serving decode loop (serve_app.generation) equal token for token
+2. greedy generation with the serving decode loop (inference.decode_dynamic) equal token for token
    to `model.generate(do_sample=False)`, on batch 1 and on a left-padded batch 2.
 
 A decoder whose numbers are rounded on purpose (float16 compute, quantized weights) cannot match fp32 logits
@@ -17,11 +17,16 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from serve_app.generation import DecoderSession, SamplingParams, generate_all, left_pad, positions_from_mask
+from inference.decode_dynamic import (
+    DecoderSession,
+    generate_all,
+    left_pad,
+    positions_from_mask,
+)
+from inference.sampling import SamplingParams
 
 from .decoder_export import cache_argument, returned_cache
 from .validate import ExportError, ParityError
-
 
 MIN_TOP1 = 0.9  # the share of teacher-forced steps whose top-1 token must equal fp32's (fp16, int8, int4)
 
@@ -170,7 +175,7 @@ def common_prefix(expected: Sequence[int], actual: Sequence[int]) -> int:
 
 
 def static_logits_along(session, prompt: Sequence[int], tokens: Sequence[int], pad_token_id: int = 0) -> np.ndarray:
-    """Logits [len(tokens), vocab] of a static-cache session (serve_app.static_generation) fed `prompt`, then
+    """Logits [len(tokens), vocab] of a static-cache session (inference.decode_static) fed `prompt`, then
     `tokens` one decode step at a time: row i is its prediction of tokens[i] (teacher forcing)."""
     bucket = session.bucket(1, len(prompt) + len(tokens) + 1)
     lengths = session.prefill(bucket, [list(prompt)], pad_token_id)
@@ -189,10 +194,10 @@ def validate_static_decoder(model, onnx_path: str | Path, prompts: Sequence[Sequ
 
     1. logits along transformers' greedy continuation of each prompt (prefill, then every decode step
        fed the same tokens) within `tolerance`;
-    2. greedy generation through serve_app.static_generation equal to `model.generate` on batch 1 and
+    2. greedy generation through inference.decode_static equal to `model.generate` on batch 1 and
        on a right-padded batch 2.
     """
-    from serve_app.static_generation import StaticDecoderSession, generate_all_static
+    from inference.decode_static import StaticDecoderSession, generate_all_static
 
     session = StaticDecoderSession(onnx_path, providers=providers, max_batch=2, min_slots=16)
     prompts = [list(p) for p in (prompts or default_prompts(model))][:2]
@@ -225,7 +230,7 @@ def agreement_gate(model, onnx_path: str | Path, prompts: Sequence[Sequence[int]
     transformers' greedy continuation of each prompt, its top-1 token must equal fp32's on at least `min_top1`
     of the steps. Records the logits' max abs difference and how many greedy tokens it writes before it
     diverges; raises AgreementError below the minimum."""
-    from serve_app.static_generation import StaticDecoderSession, generate_all_static
+    from inference.decode_static import StaticDecoderSession, generate_all_static
 
     minimum = MIN_TOP1 if min_top1 is None else min_top1
     session = StaticDecoderSession(onnx_path, providers=providers, max_batch=1, min_slots=16)

@@ -7,8 +7,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from contract.config import EncoderMode, ModelConfig, SpeedOption
+
 from . import validate
-from .config import EncoderMode, ModelConfig, Precision, SpeedOption
 from .encoder_sources import load_encoder
 from .sources import ResolvedSource
 from .specs import EncoderSpec, spec_for
@@ -74,8 +75,6 @@ def check_encoder(module, onnx_path: Path, tokenizer, spec: EncoderSpec, max_len
 
 
 def export_encoder(cfg: ModelConfig, resolved: ResolvedSource, staging: Path) -> dict[str, Any]:
-    if cfg.precision is not Precision.fp32:
-        raise validate.ExportError(f"{cfg.id}: precision {cfg.precision.value} is not supported for encoders yet")
     model, tokenizer, settings, _ = load_encoder(resolved)
     spec = spec_for(cfg.task, model.config.model_type)
     assert isinstance(spec, EncoderSpec)

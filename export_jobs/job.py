@@ -7,8 +7,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import manifest
-from .config import ModelConfig, Task
+from contract import manifest
+from contract.config import ModelConfig, Task
+
 from .sources import resolve
 from .validate import ExportError
 
@@ -44,7 +45,7 @@ def export_one(cfg: ModelConfig, root: str | Path) -> manifest.ManifestEntry:
     return manifest.ManifestEntry(
         id=cfg.id, task=cfg.task.value, source=cfg.source, fingerprint=cfg.fingerprint(),
         directory=directory, files=files, opset=fields.pop("opset", cfg.opset),
-        precision=fields.pop("precision", cfg.precision.value), created_at=time.time(), **fields,
+        precision=fields.pop("precision", "fp32"), created_at=time.time(), **fields,
     )
 
 

@@ -20,8 +20,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from contract.config import SpeedOption
+
 from . import validate
-from .config import SpeedOption
 
 TWO_GB = 2**31
 # Fed by these, a MatMul's activations carry outliers that per-tensor uint8 dynamic quantization

@@ -10,8 +10,9 @@ from typing import Any, Iterable, TextIO
 
 import ray
 
-from . import manifest
-from .config import ModelConfig, ProjectConfig
+from contract import manifest
+from contract.config import ModelConfig, ProjectConfig
+
 from .job import export_one, is_current
 
 

@@ -36,7 +36,6 @@ import onnx
 import torch
 
 from .decoder_export import JsonInfo, check_io, eos_ids, needs_external_data, save_graph
-from .weight_layout import transpose_matmul_weights
 
 INFO_FILE = "static_decoder.json"
 SUPPORTED = ("gpt_neo", "gpt2", "llama", "mistral", "qwen2")
@@ -346,12 +345,11 @@ def save_float16(src: str | Path, dst: str | Path) -> None:
 
 
 def export_static_decoder(model, out_path: str | Path, max_length: int, opset: int = 18,
-                          external_data: bool | None = None, transpose_weights: bool = False) -> StaticDecoderInfo:
+                          external_data: bool | None = None) -> StaticDecoderInfo:
     """Export `model` (a transformers causal LM in eval mode, any dtype/device) to `out_path`.
 
     The cache length is not baked in (a dynamic axis), but RoPE tables are, so `max_length`
     bounds what the graph can serve. Writes static_decoder.json beside the graph.
-    `transpose_weights`: projections as FusedMatMul over [out, in] weights (export_jobs.weight_layout).
     """
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -366,8 +364,6 @@ def export_static_decoder(model, out_path: str | Path, max_length: int, opset: i
                           opset_version=opset, do_constant_folding=True, dynamo=False,
                           custom_opsets={"com.microsoft": 1})
         proto, fused = _fuse(raw, wrapper)
-        if transpose_weights:
-            fused["FusedMatMul"] = transpose_matmul_weights(proto)
         check_io(proto, input_names, output_names)
         save_graph(proto, out_path, bool(external_data))
     info = StaticDecoderInfo(

@@ -10,7 +10,8 @@ from typing import Any
 
 import onnx
 
-from .config import ModelConfig
+from contract.config import ModelConfig
+
 from .sources import ResolvedSource
 from .specs import TfStringSpec, spec_for
 from .tf_export import build_saved_model, export_savedmodel, validate_string_model

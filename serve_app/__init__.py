@@ -3,8 +3,8 @@
 ``serve run serve_app:graph`` builds the composed app on the default models;
 ``serve run serve_app:graph config=models.yaml`` on yours.
 
-`graph` and `AppArgs` load on first use, so that the runtime modules (serve_app.generation,
-serve_app.runtime, ...) import with numpy + onnxruntime alone, without Ray.
+`graph` and `AppArgs` load on first use, so that the runtime modules (inference.decode_dynamic,
+inference.encoder, ...) import with numpy + onnxruntime alone, without Ray.
 """
 from __future__ import annotations
 

@@ -8,10 +8,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 from ray.serve import Application
 
-from export_jobs import manifest
-from export_jobs.config import ModelConfig, Task
-
-from .settings import AppConfig, load_app_config
+from contract import manifest
+from contract.config import ModelConfig, Task
+from contract.settings import AppConfig, load_app_config
+from inference.ort import GEMM_REPLAY_TUNING_ENV
 
 logger = logging.getLogger("serve_app")
 
@@ -62,14 +62,22 @@ def _card(entry: manifest.ManifestEntry) -> dict[str, Any]:
 
 def user_config(cfg: ModelConfig) -> dict[str, Any]:
     """Batch settings an embedder applies at run time (Embedder.reconfigure / EmbeddingModel.configure)."""
-    return {"max_batch_size": cfg.serving.max_batch_size, "batch_wait_timeout_s": cfg.serving.batch_wait_timeout_s}
+    return {"max_batch_size": cfg.serving.max_batch_size, "batch_wait_timeout_s": cfg.serving.batch_wait_timeout_s,
+            "inline_run_tokens": cfg.serving.inline_run_tokens}
+
+
+def _runtime_env(cfg: ModelConfig) -> dict[str, Any]:
+    """Environment ONNX Runtime reads in a replica of this model (GEMM tuning on a GPU)."""
+    if cfg.serving.num_gpus > 0 and cfg.serving.gemm_auto_tune:
+        return {"runtime_env": {"env_vars": dict(GEMM_REPLAY_TUNING_ENV)}}
+    return {}
 
 
 def deployment_options(cfg: ModelConfig, name: str) -> dict[str, Any]:
     s = cfg.serving
     options: dict[str, Any] = {
         "name": name,
-        "ray_actor_options": {"num_gpus": s.num_gpus, "num_cpus": s.num_cpus},
+        "ray_actor_options": {"num_gpus": s.num_gpus, "num_cpus": s.num_cpus, **_runtime_env(cfg)},
         "max_ongoing_requests": s.max_ongoing_requests,
         "max_queued_requests": s.max_queued_requests,
         "user_config": user_config(cfg),
@@ -97,12 +105,14 @@ def build(app_config: AppConfig, entries: dict[str, manifest.ManifestEntry]) -> 
         if cfg.task is Task.embedding and server.embed_in_ingress:
             local[cfg.id] = {"entry": entry.model_dump(mode="json"), "root": root, "truncate": cfg.truncate,
                              "num_cpus": cfg.serving.num_cpus, "cuda_graphs": cfg.serving.cuda_graphs,
+                             "gemm_auto_tune": cfg.serving.gemm_auto_tune,
                              "user_config": user_config(cfg)}
             gpus, cpus = gpus + cfg.serving.num_gpus, cpus + cfg.serving.num_cpus
         elif cfg.task is Task.embedding:
             opts = deployment_options(cfg, f"embed-{cfg.id}")
             embedders[cfg.id] = Embedder.options(**opts).bind(
-                entry.model_dump(mode="json"), root, cfg.truncate, cfg.serving.num_cpus, cfg.serving.cuda_graphs)
+                entry.model_dump(mode="json"), root, cfg.truncate, cfg.serving.num_cpus, cfg.serving.cuda_graphs,
+                cfg.serving.gemm_auto_tune)
             embed_batch[cfg.id] = cfg.serving.max_batch_size
             if entry.input_kind != "text":  # the graph does not tokenize itself: the ingress does
                 tokenize[cfg.id] = {"entry": entry.model_dump(mode="json"), "root": root, "truncate": cfg.truncate}
@@ -112,7 +122,8 @@ def build(app_config: AppConfig, entries: dict[str, manifest.ManifestEntry]) -> 
             opts = deployment_options(cfg, f"generate-{cfg.id}")
             generators[cfg.id] = Generator.options(**opts).bind(entry.model_dump(mode="json"), root,
                                                                cfg.serving.num_cpus, cfg.serving.continuous_batching,
-                                                               cfg.serving.stream_interval_s)
+                                                               cfg.serving.stream_interval_s,
+                                                               cfg.serving.gemm_auto_tune)
     actor = {"num_cpus": cpus, **({"num_gpus": gpus} if gpus else {})}
     ingress = Ingress.options(num_replicas=server.ingress_replicas, max_ongoing_requests=server.max_ongoing_requests,
                               max_queued_requests=server.max_queued_requests, ray_actor_options=actor)

@@ -19,11 +19,11 @@ from typing import Any
 
 import yaml
 
-from export_jobs import manifest
-from export_jobs.config import ModelConfig
+from contract import manifest
+from contract.config import ModelConfig
+from contract.settings import AppConfig, load_app_config
 
 from .app import AppArgs, build
-from .settings import AppConfig, load_app_config
 
 APP_NAME = "onnx-serve"
 IMPORT_PATH = "serve_app:graph"

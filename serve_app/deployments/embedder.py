@@ -15,27 +15,28 @@ import numpy as np
 import ray
 from ray import serve
 
-from export_jobs import manifest
+from contract import manifest
+from inference.encoder import EncoderSession, Prepared
+from inference.ort import providers
 
 from ..batching import GreedyBatcher
-from ..runtime import EncoderSession, Prepared, providers
 
 MAX_ROWS_PER_RUN = 64
 
 
 class EmbeddingModel:
     def __init__(self, entry: dict[str, Any], root: str, truncate: bool = False, num_cpus: float = 1.0,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, gemm_auto_tune: bool = True):
         parsed = manifest.ManifestEntry.model_validate(entry)
         manifest.verify(root, parsed)  # never serve files that differ from what passed the gate
         use_gpu, threads = bool(ray.get_gpu_ids()), int(max(1, num_cpus))
         if parsed.input_kind == "text":  # tokenizer inside the graph (TensorFlow string ops)
-            from ..text_runtime import TextInputEncoder
+            from inference.string_encoder import TextInputEncoder
 
             self.session = TextInputEncoder(parsed.model_path(root), providers(use_gpu), threads)
         else:
             self.session = EncoderSession(parsed, root, truncate=truncate, use_gpu=use_gpu, threads=threads,
-                                          cuda_graphs=cuda_graphs)
+                                          cuda_graphs=cuda_graphs, gemm_auto_tune=gemm_auto_tune)
         self.model_id = parsed.id
         self.max_rows = MAX_ROWS_PER_RUN
         self.batcher = GreedyBatcher(self._run_batch, max_batch_size=32, weight=len)  # requests per group
@@ -47,6 +48,9 @@ class EmbeddingModel:
         if "batch_wait_timeout_s" in user_config:
             self.batcher.wait_s = float(user_config["batch_wait_timeout_s"])
         self.max_rows = int(user_config.get("max_rows_per_run", self.max_rows))
+        graphs = getattr(self.session, "graphs", None)
+        if graphs is not None and "inline_run_tokens" in user_config:
+            graphs.inline_tokens = int(user_config["inline_run_tokens"])
 
     async def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         prepared = self.session.prepare(texts)  # raises InputTooLong before batching
@@ -108,8 +112,8 @@ class EmbeddingModel:
 @serve.deployment(name="Embedder")
 class Embedder:
     def __init__(self, entry: dict[str, Any], root: str, truncate: bool = False, num_cpus: float = 1.0,
-                 cuda_graphs: bool = True):
-        self.model = EmbeddingModel(entry, root, truncate, num_cpus, cuda_graphs)
+                 cuda_graphs: bool = True, gemm_auto_tune: bool = True):
+        self.model = EmbeddingModel(entry, root, truncate, num_cpus, cuda_graphs, gemm_auto_tune)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Batch settings change at run time (``serve deploy`` with a new user_config, no restart)."""

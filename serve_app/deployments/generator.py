@@ -8,9 +8,8 @@ from typing import Any, AsyncIterator
 import ray
 from ray import serve
 
-from export_jobs import manifest
-
-from ..textgen import Delta, Prepared, TextGenerator
+from contract import manifest
+from inference.textgen import Delta, Prepared, TextGenerator
 
 _DONE = object()
 
@@ -18,12 +17,13 @@ _DONE = object()
 @serve.deployment(name="Generator")
 class Generator:
     def __init__(self, entry: dict[str, Any], root: str, num_cpus: float = 1.0, continuous: bool = False,
-                 stream_interval_s: float = 0.0):
+                 stream_interval_s: float = 0.0, gemm_auto_tune: bool = True):
         parsed = manifest.ManifestEntry.model_validate(entry)
         manifest.verify(root, parsed)
         self.model_id = parsed.id
         self.runtime = TextGenerator(parsed, root, use_gpu=bool(ray.get_gpu_ids()), threads=int(max(1, num_cpus)),
-                                     continuous=continuous, stream_interval_s=stream_interval_s)
+                                     continuous=continuous, stream_interval_s=stream_interval_s,
+                                     gemm_auto_tune=gemm_auto_tune)
         # Each stream's next step runs in this pool. With continuous batching a stream's thread only waits for the
         # batcher's next step, so there is one thread per row (a pool of cpus + 4 would cap the batch there).
         batcher = self.runtime.batcher

@@ -2,7 +2,6 @@
 
 import asyncio
 import base64
-import os
 from typing import Any, Optional
 
 import numpy as np
@@ -12,22 +11,25 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from .. import errors, openai_format
+from contract.errors import InvalidRequest, ModelNotFound, NotReady
+from contract.settings import ServerSettings
+
 from ..batching import GreedyBatcher
-from ..errors import InvalidRequest, ModelNotFound, NotReady
-from ..http_guards import GuardMiddleware
-from ..schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, EmbeddingResponse, Health, ModelCard, ModelList
-from ..settings import ServerSettings
+from ..http import errors, openai_format
+from ..http.guards import GuardMiddleware
+from ..http.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    Health,
+    ModelCard,
+    ModelList,
+)
 
 api = FastAPI(title="onnx-serve", version="0.1.0",
               description="OpenAI-shaped HTTP API over ONNX Runtime models served by Ray Serve.")
 errors.install(api)
-
-
-# Merged calls one ingress replica keeps open to one embedder. Each call costs the embedder replica (one per GPU
-# share, one event loop) the same Serve overhead whatever its size, so fewer, larger calls leave it more requests
-# a second; two keep the next call queued while one runs.
-INGRESS_IN_FLIGHT = int(os.environ.get("ONNX_SERVE_INGRESS_IN_FLIGHT", "2"))
 
 
 INLINE_TOKENIZE_CHARS = 16_384  # larger requests are tokenized in a worker thread
@@ -65,11 +67,11 @@ class Ingress:
         self.embedding_models = {**self.embedders, **self.local}
         # Requests for a batched model are merged here too, so the embedder replica receives one call per
         # batch instead of one per request: at concurrency 256 its per-call cost, not the GPU, was the cap.
+        self.settings = ServerSettings.model_validate(settings)
         self.batchers = {model: GreedyBatcher(self._embed_many(self.embedders[model], model in self.preparers), size,
-                                              max_in_flight=INGRESS_IN_FLIGHT)
+                                              max_in_flight=self.settings.ingress_in_flight)
                          for model, size in (embed_batch or {}).items() if size > 1 and model in self.embedders}
         self.cards = {card["id"]: ModelCard.model_validate(card) for card in cards}
-        self.settings = ServerSettings.model_validate(settings)
         api.add_middleware(GuardMiddleware, max_body_bytes=self.settings.max_body_bytes,
                            api_keys=self.settings.api_keys)
 
@@ -98,15 +100,15 @@ class Ingress:
     def _load_local(spec: dict[str, Any]):
         from .embedder import EmbeddingModel
 
-        model = EmbeddingModel(spec["entry"], spec["root"], spec["truncate"], spec["num_cpus"], spec["cuda_graphs"])
+        model = EmbeddingModel(spec["entry"], spec["root"], spec["truncate"], spec["num_cpus"], spec["cuda_graphs"],
+                               spec["gemm_auto_tune"])
         model.configure(spec["user_config"])
         return model
 
     @staticmethod
     def _load_preparer(spec: dict[str, Any]):
-        from export_jobs import manifest
-
-        from ..runtime import TextPreparer
+        from contract import manifest
+        from inference.encoder import TextPreparer
 
         entry = manifest.ManifestEntry.model_validate(spec["entry"])
         manifest.verify(spec["root"], entry, only={entry.metadata["tokenizer"]})  # what passed the gate

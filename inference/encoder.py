@@ -1,0 +1,141 @@
+"""ONNX Runtime session wrappers: prepare (tokenize, check) / run (session) / post-process (pool).
+
+No Ray and no HTTP in here, and never torch or TensorFlow.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from contract.errors import InputTooLong
+from contract.manifest import ManifestEntry
+
+from .cuda_buckets import BucketedEncoder
+from .ort import providers, session_options
+
+logger = logging.getLogger("serve_app")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One text, tokenized and checked: ready to join a batch."""
+
+    ids: np.ndarray
+    type_ids: np.ndarray
+
+    @property
+    def tokens(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    weights = mask[..., None].astype(hidden.dtype)
+    return (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+
+
+def load_tokenizer(entry: ManifestEntry, root: str | Path) -> Tokenizer:
+    """The artifact's tokenizer, as the export saved it, with padding and truncation off (we check lengths)."""
+    tokenizer = Tokenizer.from_file(str(entry.dir_path(root) / entry.metadata["tokenizer"]))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+class TextPreparer:
+    """A token-input encoder's tokenizer and token limit, without its session: the ingress tokenizes with it
+    so that the model replica, one per GPU, spends its CPU on batches and not on text."""
+
+    def __init__(self, entry: ManifestEntry, root: str | Path, *, truncate: bool = False):
+        self.model_id, self.max_length, self.truncate = entry.id, entry.max_length, truncate
+        self.tokenizer = load_tokenizer(entry, root)
+
+    def prepare(self, texts: list[str]) -> list[Prepared]:
+        """Tokenize; refuse (or truncate, if configured) texts over the model's token limit."""
+        out = []
+        for index, enc in enumerate(self.tokenizer.encode_batch(texts)):
+            ids, type_ids = np.asarray(enc.ids, np.int64), np.asarray(enc.type_ids, np.int64)
+            if self.max_length and len(ids) > self.max_length:
+                if not self.truncate:
+                    where = f"input[{index}]" if len(texts) > 1 else "input"
+                    raise InputTooLong(f"{where} has {len(ids)} tokens; {self.model_id} accepts at most "
+                                       f"{self.max_length}", param=where)
+                keep = self.max_length - 1  # keep the closing special token ([SEP] / </s>)
+                ids, type_ids = np.append(ids[:keep], ids[-1]), type_ids[: self.max_length]
+            out.append(Prepared(ids, type_ids))
+        return out
+
+
+class EncoderSession:
+    """A token-input encoder artifact: sentence mode (pooled in the graph) or plain (pooled here)."""
+
+    def __init__(self, entry: ManifestEntry, root: str | Path, *, truncate: bool = False,
+                 use_gpu: bool = False, threads: int | None = None, cuda_graphs: bool = True,
+                 gemm_auto_tune: bool = True, inline_run_tokens: int = 512):
+        """cuda_graphs: on the CUDA EP, run batches in (rows, width) buckets replayed from captured CUDA
+        graphs (inference.cuda_buckets), when every node of the graph runs on CUDA (fused exports).
+        gemm_auto_tune: see inference.ort.session_options. inline_run_tokens: see BucketedEncoder.quick."""
+        meta = entry.metadata
+        self.preparer = TextPreparer(entry, root, truncate=truncate)
+        self.model_id, self.dim, self.max_length = entry.id, entry.dim, entry.max_length
+        self.mode, self.normalize = meta["mode"], bool(meta.get("normalize"))
+        self.pad_id = int(meta.get("pad_token_id", 0))
+        eps = providers(use_gpu)
+        options = session_options(threads, eps, gemm_auto_tune=gemm_auto_tune)
+        self.session, self.graphs = self._load(entry.model_path(root), options, eps, cuda_graphs)
+        if self.graphs is not None:
+            self.graphs.inline_tokens = inline_run_tokens
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def _load(self, path: Path, options: ort.SessionOptions, eps: list, cuda_graphs: bool):
+        if cuda_graphs and eps[0] == "CUDAExecutionProvider":
+            try:
+                session = ort.InferenceSession(str(path), options, providers=[
+                    ("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), *eps[1:]])
+                return session, BucketedEncoder(session, self.dim, cuda_graph=True)
+            except Exception as exc:  # noqa: BLE001 - e.g. nodes on the CPU (unfused graphs): no graphs then
+                logger.info("%s: no CUDA graphs (%s)", self.model_id, str(exc).splitlines()[0][:200])
+        return ort.InferenceSession(str(path), options, providers=eps), None
+
+    def prepare(self, texts: list[str]) -> list[Prepared]:
+        return self.preparer.prepare(texts)
+
+    def run(self, items: list[Prepared]) -> np.ndarray:
+        """One padded batch through the session; returns float32 (len(items), dim)."""
+        width = max(item.tokens for item in items)
+        ids = np.full((len(items), width), self.pad_id, np.int64)
+        type_ids = np.zeros((len(items), width), np.int64)
+        mask = np.zeros((len(items), width), np.int64)
+        for row, item in enumerate(items):
+            ids[row, : item.tokens], type_ids[row, : item.tokens], mask[row, : item.tokens] = item.ids, item.type_ids, 1
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": type_ids}
+        if self.graphs is not None:
+            first = self.graphs.run(feeds)
+        else:
+            first = self.session.run(None, {name: feeds[name] for name in self.input_names})[0]
+        if self.mode == "plain":
+            first = mean_pool(first, mask)
+            if self.normalize:
+                first = l2_normalize(first)
+        return np.asarray(first, np.float32)
+
+    def quick(self, items: list[Prepared]) -> bool:
+        """A run short enough for the event loop (a small captured CUDA graph; see BucketedEncoder.quick)."""
+        return self.graphs is not None and self.graphs.quick(len(items), max(item.tokens for item in items))
+
+    def run_sorted(self, items: list[Prepared], max_rows: int) -> np.ndarray:
+        """Sort by length and run in chunks of ``max_rows``: less padding, bounded memory."""
+        order = sorted(range(len(items)), key=lambda i: items[i].tokens)
+        out = np.empty((len(items), self.dim or 0), np.float32)
+        for start in range(0, len(order), max_rows):
+            chunk = order[start : start + max_rows]
+            out[chunk] = self.run([items[i] for i in chunk])
+        return out

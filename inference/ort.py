@@ -1,0 +1,34 @@
+"""ONNX Runtime session set-up shared by every model kind: which execution providers, which options."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import onnxruntime as ort
+
+# ONNX Runtime reads this when it tunes a GEMM shape: time candidates as CUDA graph replays, as our sessions run.
+# Deployments set it in their runtime_env (serve_app.app); a process may set it itself before its first session.
+GEMM_REPLAY_TUNING_ENV = {"ORT_CUDA_GEMM_GRAPH_REPLAY_TUNING": "1"}
+
+
+def providers(use_gpu: bool) -> list[str]:
+    """CUDA EP when the replica was given a GPU and this ONNX Runtime build has it; else CPU."""
+    if use_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def session_options(threads: int | None = None, eps: Sequence[str] = (), *,
+                    gemm_auto_tune: bool = True) -> ort.SessionOptions:
+    """Options for a session over `eps` (as `providers` returns them).
+
+    gemm_auto_tune: on the CUDA EP, ONNX Runtime times its GEMM kernels per shape (cuBLAS, its small-N GEMV,
+    TensorRT-LLM's tinygemm2) and keeps the fastest (BENCHMARKS.md, "bench/lab/gpu_suite.py"); CPU sessions
+    get nothing they would not use."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = max(1, threads or os.cpu_count() or 1)
+    opts.inter_op_num_threads = 1
+    if eps and eps[0] == "CUDAExecutionProvider" and gemm_auto_tune:
+        opts.add_session_config_entry("ep.cuda.enable_gemm_auto_tune", "1")
+    return opts

