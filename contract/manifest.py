@@ -11,16 +11,18 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Annotated, Any, Iterator, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+logger = logging.getLogger("contract")
 MANIFEST_NAME = "manifest.json"
 STAGING_DIR = ".staging"
 
@@ -44,6 +46,62 @@ class Parity(BaseModel):
     details: dict[str, float | int | str] = Field(default_factory=dict)
 
 
+class _Meta(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EncoderMeta(_Meta):
+    """A token-input encoder: the runtime tokenizes, runs the graph, pools (plain) or reads the pooled output."""
+
+    kind: Literal["encoder"] = "encoder"
+    tokenizer: str  # tokenizer.json, relative to the artifact directory
+    mode: Literal["plain", "sentence"]
+    pooling: str | None = None
+    normalize: bool = False
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    pad_token_id: int = 0
+    model_type: str
+    speed: dict[str, Any] | None = None  # the speed option's build and gate figures
+
+
+class StringEncoderMeta(_Meta):
+    """A text-input graph (TensorFlow string ops through onnxruntime-extensions): it tokenizes itself."""
+
+    kind: Literal["string_encoder"] = "string_encoder"
+    tf_ops: tuple[str, ...] = ()
+    onnx_ops: tuple[str, ...] = ()
+    custom_ops: str = "onnxruntime-extensions"
+
+
+class _DecoderMeta(_Meta):
+    tokenizer: str
+    pad_token_id: int
+    add_special_tokens: bool = True
+    model_type: str
+
+
+class DecoderMeta(_DecoderMeta):
+    """The dynamic-cache decoder graph; `decoder` is its export info (inference.decode_dynamic.DecoderSession)."""
+
+    kind: Literal["decoder"] = "decoder"
+    decoder: dict[str, Any]
+
+
+class StaticDecoderMeta(_DecoderMeta):
+    """The static-cache GroupQueryAttention graph (optimize: fused), or its fp16 / int8 / int4 copy that the
+    entry's model_file names; each dict holds that variant's gate figures."""
+
+    kind: Literal["static_decoder"] = "static_decoder"
+    static_decoder: dict[str, Any]
+    fp16: dict[str, Any] | None = None
+    weight_only: dict[str, Any] | None = None
+
+
+ArtifactMeta = Annotated[Union[EncoderMeta, StringEncoderMeta, DecoderMeta, StaticDecoderMeta],
+                         Field(discriminator="kind")]
+
+
 class ManifestEntry(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -61,7 +119,7 @@ class ManifestEntry(BaseModel):
     parity: Parity
     dim: int | None = None
     max_length: int | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: ArtifactMeta
     created_at: float = Field(default_factory=time.time)
 
     def model_path(self, root: str | Path) -> Path:
@@ -96,7 +154,14 @@ def load(root: str | Path) -> dict[str, ManifestEntry]:
     if not path.exists():
         return {}
     raw = json.loads(path.read_text(encoding="utf-8"))
-    return {key: ManifestEntry.model_validate(value) for key, value in raw.get("models", {}).items()}
+    entries = {}
+    for key, value in raw.get("models", {}).items():
+        try:
+            entries[key] = ManifestEntry.model_validate(value)
+        except ValidationError as exc:  # written by an older exporter: not served, exported again
+            logger.warning("manifest entry %s was written by an older exporter (%s); it will be exported again",
+                           key, str(exc).splitlines()[0])
+    return entries
 
 
 @contextlib.contextmanager

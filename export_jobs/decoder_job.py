@@ -54,7 +54,7 @@ def export_decoder_model(cfg: ModelConfig, resolved: ResolvedSource, staging: Pa
         # Only the static-cache graph: it is what the server loads, and it passes its own gate.
         static = _static_variant(model, staging, int(context), spec, tolerance, pad)
         figures = static["parity"]
-        model_file, metadata = static["model_file"], {"static_decoder": static}
+        model_file, metadata = static["model_file"], {"kind": "static_decoder", "static_decoder": static}
         if cfg.optimize in WEIGHT_BITS:  # then its weights quantized, served only past their own gate
             quantized = _weight_only_variant(model, staging, WEIGHT_BITS[cfg.optimize], spec, pad)
             model_file, metadata["weight_only"] = quantized["model_file"], quantized
@@ -71,7 +71,7 @@ def export_decoder_model(cfg: ModelConfig, resolved: ResolvedSource, staging: Pa
                                tolerance=tolerance, pad_token_id=pad)
     worst = max(figures["prefill_max_abs_diff"], figures["decode_max_abs_diff"])
     decoder = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(info).items()}
-    return entry(worst, 2 + figures["decode_steps"], figures, {"decoder": decoder})
+    return entry(worst, 2 + figures["decode_steps"], figures, {"kind": "decoder", "decoder": decoder})
 
 
 def _static_variant(model, staging: Path, context: int, spec: DecoderSpec, tolerance: float, pad: int) -> dict:

@@ -105,7 +105,7 @@ def export_encoder(cfg: ModelConfig, resolved: ResolvedSource, staging: Path) ->
         "parity": {"max_abs_diff": figures["max_abs_diff"], "tolerance": figures.get("tolerance", tolerance),
                    "cases": figures["cases"], "details": {"min_cosine": figures["min_cosine"]}},
         "metadata": {
-            "speed": speed,
+            "kind": "encoder", "speed": speed,
             "mode": cfg.mode.value, "pooling": settings.pooling, "normalize": normalize,
             "inputs": list(spec.inputs), "outputs": list(output_names),
             "tokenizer": "tokenizer/tokenizer.json", "pad_token_id": int(tokenizer.pad_token_id or 0),

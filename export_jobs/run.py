@@ -43,7 +43,7 @@ def _quiet() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    for name in ("torch.onnx", "torch._export", "torch.export", "onnxscript", "transformers"):
+    for name in ("torch.onnx", "torch._export", "torch.export", "onnxscript", "transformers", "onnxruntime"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

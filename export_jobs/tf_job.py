@@ -49,6 +49,6 @@ def export_tf(cfg: ModelConfig, resolved: ResolvedSource, staging: Path) -> dict
         "opset": opset,
         "dim": _output_dim(staging / "model.onnx"),
         "parity": {"max_abs_diff": figures["max_abs_diff"], "tolerance": tolerance, "cases": figures["cases"]},
-        "metadata": {"tf_ops": sorted(set(report.tf_ops)), "onnx_ops": sorted(set(report.onnx_ops)),
+        "metadata": {"kind": "string_encoder", "tf_ops": sorted(set(report.tf_ops)), "onnx_ops": sorted(set(report.onnx_ops)),
                      "custom_ops": "onnxruntime-extensions"},
     }

@@ -14,6 +14,7 @@ for small models at 4 bits (SmolLM2 int4 agrees on 62 of 94 tokens and writes di
 from __future__ import annotations
 
 import collections
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +33,12 @@ def quantize_weight_only(src: str | Path, dst: str | Path, bits: int, block_size
 
     Raises ExportError when nothing was quantized (a graph whose projections are not MatMuls over
     initializers, such as the [out, in] FusedMatMul layout)."""
+    root_level = logging.getLogger().level
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+    # its import runs logging.basicConfig(level=INFO), which would print a line per quantized weight
+    logging.getLogger().setLevel(root_level)
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
 
     from .decoder_export import save_graph
     from .optimize import file_bytes

@@ -44,7 +44,7 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 def load_tokenizer(entry: ManifestEntry, root: str | Path) -> Tokenizer:
     """The artifact's tokenizer, as the export saved it, with padding and truncation off (we check lengths)."""
-    tokenizer = Tokenizer.from_file(str(entry.dir_path(root) / entry.metadata["tokenizer"]))
+    tokenizer = Tokenizer.from_file(str(entry.dir_path(root) / entry.metadata.tokenizer))
     tokenizer.no_padding()
     tokenizer.no_truncation()
     return tokenizer
@@ -86,8 +86,7 @@ class EncoderSession:
         meta = entry.metadata
         self.preparer = TextPreparer(entry, root, truncate=truncate)
         self.model_id, self.dim, self.max_length = entry.id, entry.dim, entry.max_length
-        self.mode, self.normalize = meta["mode"], bool(meta.get("normalize"))
-        self.pad_id = int(meta.get("pad_token_id", 0))
+        self.mode, self.normalize, self.pad_id = meta.mode, meta.normalize, meta.pad_token_id
         eps = providers(use_gpu)
         options = session_options(threads, eps, gemm_auto_tune=gemm_auto_tune)
         self.session, self.graphs = self._load(entry.model_path(root), options, eps, cuda_graphs)

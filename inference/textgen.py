@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterator, TypeVar
 
 from contract.errors import InputTooLong, InvalidRequest
-from contract.manifest import ManifestEntry
+from contract.manifest import ManifestEntry, StaticDecoderMeta
 
 from .chat import ChatTemplate
 from .continuous import CONTINUOUS_SLOTS, ContinuousBatcher
@@ -60,7 +60,7 @@ class TextGenerator:
         self.batcher = None
         eps = providers(use_gpu)
         options = session_options(threads, eps, gemm_auto_tune=gemm_auto_tune)
-        if meta.get("static_decoder"):  # fused / fp16 / int8 / int4: the served file (model_file) passed its own gate
+        if isinstance(meta, StaticDecoderMeta):  # fused / fp16 / int8 / int4: the served file (model_file) passed its own gate
             self.session = StaticDecoderSession(entry.model_path(root), providers=eps,
                                                 session_options=options,
                                                 max_batch=STATIC_MAX_BATCH)
@@ -70,13 +70,13 @@ class TextGenerator:
                 self.context = self.batcher.slots
                 self._generate = None  # steps() reads the batcher's stream
         else:
-            self.session = DecoderSession(entry.model_path(root), meta["decoder"], providers=eps,
+            self.session = DecoderSession(entry.model_path(root), meta.decoder, providers=eps,
                                           session_options=options)
             self._generate = generate
         self.tokenizer = load_tokenizer(entry, root)
-        self.pad_id = meta.get("pad_token_id")
-        self.add_special_tokens = bool(meta.get("add_special_tokens", True))
-        self.chat = ChatTemplate.from_tokenizer_dir((directory / meta["tokenizer"]).parent)
+        self.pad_id = meta.pad_token_id
+        self.add_special_tokens = meta.add_special_tokens
+        self.chat = ChatTemplate.from_tokenizer_dir((directory / meta.tokenizer).parent)
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         if self.chat is None:

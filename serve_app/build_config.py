@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from contract import manifest
-from contract.config import ModelConfig
+from contract.config import ModelConfig, Task
 from contract.settings import AppConfig, load_app_config
 
 from .app import AppArgs, build
@@ -33,10 +33,14 @@ REGENERATE = ("python -m serve_app.build_config {out} --config {config} --deploy
 
 def _placeholder(cfg: ModelConfig) -> manifest.ManifestEntry:
     """Stands in for the real entry when binding; never served, never written out."""
+    if cfg.task is Task.generation:
+        meta = manifest.DecoderMeta(tokenizer="", pad_token_id=0, model_type="placeholder", decoder={})
+    else:
+        meta = manifest.EncoderMeta(tokenizer="", mode=cfg.mode.value, inputs=(), outputs=(), model_type="placeholder")
     return manifest.ManifestEntry(
         id=cfg.id, task=cfg.task.value, family="placeholder", source=cfg.source,
         fingerprint=cfg.fingerprint(), directory=".", files=(), opset=cfg.opset,
-        parity={"max_abs_diff": 0.0, "tolerance": 0.0, "cases": 0}, created_at=0.0,
+        parity={"max_abs_diff": 0.0, "tolerance": 0.0, "cases": 0}, metadata=meta, created_at=0.0,
     )
 
 

@@ -111,7 +111,7 @@ class Ingress:
         from inference.encoder import TextPreparer
 
         entry = manifest.ManifestEntry.model_validate(spec["entry"])
-        manifest.verify(spec["root"], entry, only={entry.metadata["tokenizer"]})  # what passed the gate
+        manifest.verify(spec["root"], entry, only={entry.metadata.tokenizer})  # what passed the gate
         return TextPreparer(entry, spec["root"], truncate=spec["truncate"])
 
     def _embed_many(self, handle: DeploymentHandle, prepared: bool):

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_sentence_mode_tiny_bert(tiny_bert_dir, tmp_path):
     entry = export_one(ModelConfig(id="tiny", source=str(tiny_bert_dir)), tmp_path)
     assert entry.parity.max_abs_diff < 1e-5 and entry.parity.cases == 7
-    assert entry.metadata["outputs"] == ["sentence_embedding"] and entry.metadata["normalize"] is True
+    assert entry.metadata.outputs == ("sentence_embedding",) and entry.metadata.normalize is True
     assert entry.dim == 32 and entry.max_length == 64
     graph = onnx.load(str(entry.model_path(tmp_path)))
     out = graph.graph.output[0]
@@ -28,7 +28,7 @@ def test_sentence_mode_tiny_bert(tiny_bert_dir, tmp_path):
 def test_plain_mode_tiny_bert_has_hidden_states_and_pooler(tiny_bert_dir, tmp_path):
     entry = export_one(ModelConfig(id="tiny-plain", source=str(tiny_bert_dir), mode="plain"), tmp_path)
     assert entry.parity.max_abs_diff < 1e-5
-    assert entry.metadata["outputs"] == ["last_hidden_state", "pooler_output"]
+    assert entry.metadata.outputs == ("last_hidden_state", "pooler_output")
     graph = onnx.load(str(entry.model_path(tmp_path)))
     assert len(graph.graph.output[0].type.tensor_type.shape.dim) == 3
 

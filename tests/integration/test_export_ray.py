@@ -27,7 +27,7 @@ def test_two_models_export_in_parallel_then_skip(ray_local, tmp_path):
     assert results["a"].started < results["b"].finished and results["b"].started < results["a"].finished
     entries = manifest.load(config.artifacts)
     assert set(entries) == {"a", "b"}
-    assert entries["a"].metadata["normalize"] is True and entries["b"].metadata["mode"] == "plain"
+    assert entries["a"].metadata.normalize is True and entries["b"].metadata.mode == "plain"
     again = export_models(config, only=["a", "b"], out=None)
     assert {r.status for r in again} == {"skipped"}
     assert "max abs diff" in log.getvalue()  # the summary table

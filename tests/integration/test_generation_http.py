@@ -46,13 +46,13 @@ def server(serve_url, tiny_lm, tmp_path_factory):
     for c in models:
         manifest.commit(root, export_one(c, root))
     entry = manifest.load(root)[MODEL]
-    static = entry.metadata["static_decoder"]
+    static = entry.metadata.static_decoder
     assert static["parity"]["greedy_match_tokens"] > 0 and entry.model_path(root).exists()
     # fused exports only the static-cache graph, which the manifest names and the gate's figures describe
     assert entry.model_file == static["model_file"] == "static/model.onnx"
-    assert not (entry.dir_path(root) / "model.onnx").exists() and "decoder" not in entry.metadata
+    assert not (entry.dir_path(root) / "model.onnx").exists() and entry.metadata.kind == "static_decoder"
     assert entry.parity.max_abs_diff == static["parity"]["logits_max_abs_diff"] <= entry.parity.tolerance
-    assert "static_decoder" not in manifest.load(root)[LONG].metadata
+    assert manifest.load(root)[LONG].metadata.kind == "decoder"
     app = build(AppConfig(project=ProjectConfig(artifacts=str(root),
                                                 models=models),
                           server=ServerSettings(max_tokens_limit=4000)), manifest.load(root))

@@ -115,7 +115,7 @@ def test_speed_option_in_the_pipeline_serves_only_a_gated_variant(tmp_path, monk
     cfg = ModelConfig(id="m", source=MINILM, optimize="int8")
     entry = export_one(cfg, tmp_path)
     assert entry.model_file == "model.int8.onnx" and entry.precision == "int8"
-    assert entry.parity.details["min_cosine"] >= 0.99 and entry.metadata["speed"]["fusions"]["Attention"] == 6
+    assert entry.parity.details["min_cosine"] >= 0.99 and entry.metadata.speed["fusions"]["Attention"] == 6
     session = EncoderSession(entry, tmp_path)
     vec = session.run(session.prepare(["quantized but close"]))
     assert vec.shape == (1, 384) and abs(np.linalg.norm(vec) - 1) < 1e-3

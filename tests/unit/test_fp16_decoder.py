@@ -43,8 +43,8 @@ def test_an_fp16_export_is_gated_and_is_what_the_manifest_serves(tmp_path):
     types = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.output)}
     assert types["past.0.key"] == types["present.0.value"] == onnx.TensorProto.FLOAT16
     assert types["logits"] == onnx.TensorProto.FLOAT
-    assert entry.metadata["static_decoder"]["parity"]["logits_max_abs_diff"] <= entry.parity.tolerance  # fp32 gate
-    half = entry.metadata["fp16"]
+    assert entry.metadata.static_decoder["parity"]["logits_max_abs_diff"] <= entry.parity.tolerance  # fp32 gate
+    half = entry.metadata.fp16
     assert half["gate"]["top1_agree"] >= 0.9 * half["gate"]["top1_steps"] > 0
     assert half["gate"]["logits_max_abs_diff"] > entry.parity.max_abs_diff  # float16 rounding, on top of fp32's
     assert half["bytes"] < 0.6 * half["source_bytes"]

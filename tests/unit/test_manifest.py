@@ -4,7 +4,7 @@ import json
 import pytest
 
 from contract import manifest
-from contract.manifest import ManifestEntry, ManifestError, Parity
+from contract.manifest import EncoderMeta, ManifestEntry, ManifestError, Parity
 
 
 def _entry(root, model_id="m", text="graph") -> ManifestEntry:
@@ -14,7 +14,9 @@ def _entry(root, model_id="m", text="graph") -> ManifestEntry:
     directory = manifest.publish(root, model_id, staging)
     return ManifestEntry(id=model_id, task="embedding", family="bert", source="x", fingerprint="f",
                          directory=directory, files=files, opset=18,
-                         parity=Parity(max_abs_diff=1e-7, tolerance=1e-4, cases=3))
+                         parity=Parity(max_abs_diff=1e-7, tolerance=1e-4, cases=3),
+                         metadata=EncoderMeta(tokenizer="tokenizer.json", mode="sentence", inputs=("input_ids",),
+                                              outputs=("sentence_embedding",), model_type="bert"))
 
 
 def test_commit_load_verify(tmp_path):
@@ -61,3 +63,14 @@ def test_new_version_replaces_entry_and_keeps_other_models(tmp_path):
     entries = manifest.load(tmp_path)
     assert set(entries) == {"a", "b"} and entries["a"].directory == newer.directory
     assert not list(tmp_path.glob(".manifest.json.*.tmp"))
+
+
+def test_an_entry_from_an_older_exporter_is_not_served(tmp_path):
+    """Untyped metadata (before artifact kinds) does not load: the model counts as not exported, so the app builder
+    exports it again instead of failing on every entry of the manifest."""
+    manifest.commit(tmp_path, _entry(tmp_path, "new"))
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    old = dict(raw["models"]["new"], id="old", metadata={"tokenizer": "tokenizer.json", "mode": "sentence"})
+    raw["models"]["old"] = old
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    assert set(manifest.load(tmp_path)) == {"new"}

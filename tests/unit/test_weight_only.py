@@ -81,9 +81,9 @@ def test_an_int8_export_is_what_the_manifest_serves(tmp_path):
     entry = manifest.load(root)["tiny-int8"]
     assert entry.model_file == "static/model.int8.onnx" and entry.precision == "int8"
     assert not (entry.dir_path(root) / "static" / "model.onnx").exists()  # the fp32 graph was gated, then dropped
-    weight_only = entry.metadata["weight_only"]
+    weight_only = entry.metadata.weight_only
     assert weight_only["gate"]["top1_agree"] >= 0.9 * weight_only["gate"]["top1_steps"] > 0
-    assert entry.metadata["static_decoder"]["parity"]["logits_max_abs_diff"] <= entry.parity.tolerance
+    assert entry.metadata.static_decoder["parity"]["logits_max_abs_diff"] <= entry.parity.tolerance
     generator = TextGenerator(entry, root, threads=1)
     prompt = tokenizer("The capital of France is")["input_ids"]
     ours = generate_all_static(generator.session, [prompt], SamplingParams(max_tokens=12, temperature=0))[0]
