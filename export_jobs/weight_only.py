@@ -4,7 +4,7 @@ Every MatMul over a constant weight (the packed QKV, output, MLP and LM-head pro
 `com.microsoft.MatMulNBits` node: the weight stored as `bits`-bit codes with one scale per block of
 `block_size` input rows, dequantized inside the kernel; activations, norms, attention and the KV cache
 keep the graph's float type. Decoding one token reads every weight once, so fewer weight bytes are
-fewer bytes per token: on the 2-core CPU, SmolLM2-135M ran 27.6 ms/token fp32, 15.5 int8, 8.6 int4.
+fewer bytes per token (BENCHMARKS.md, "CPU generation").
 
 Rounding every weight moves the logits far more than fp32 noise (SmolLM2 int8: up to 2.6 off), so a
 quantized decoder is gated on what a reader sees instead: top-1 agreement with transformers fp32 along

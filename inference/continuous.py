@@ -1,8 +1,8 @@
 """Continuous batching over a static-cache decoder: all requests of a replica share one KV bucket and one step.
 
 Without it every generation decodes in its own bucket and concurrent generations take turns per step, so a
-GPU that decodes 32 rows in 1.34x the time of one row (GPT-Neo 1.3B shapes, H200: 2.26 vs 1.69 ms) serves
-32 users at 1/32 of its throughput. Here one scheduler thread runs decode steps over a bucket of `rows` rows;
+GPU that decodes 32 rows in little more than the time of one row serves 32 users at 1/32 of its throughput
+(BENCHMARKS.md, "Concurrent generation"). Here one scheduler thread runs decode steps over a bucket of `rows` rows;
 a request takes the lowest free rows as it arrives and gives them back the step it finishes (or is cancelled),
 so rows join and leave between steps and every step decodes every active row. A step runs over the smallest
 power-of-two prefix of the rows that holds the active ones (each prefix has its own captured graphs over the
@@ -68,7 +68,7 @@ class ContinuousBatcher:
     def __init__(self, session: StaticDecoderSession, rows: int | None = None, slots: int | None = None,
                  prefill: bool = True):
         """prefill: False feeds every prompt one token per step (prompt and decode kernels never mix).
-        With the session's shape_buckets (on the CUDA EP, where a new shape costs a first run of 80-150 ms)
+        With the session's shape_buckets (on the CUDA EP, where a new shape's first run is slow)
         prefill calls come in power-of-two rows and widths only, each shape run once at start."""
         self.session, self.prefill = session, prefill
         self.rows = rows or session.max_batch
@@ -334,7 +334,7 @@ class ContinuousBatcher:
 
     def _warm_prefill_shapes(self) -> None:
         """Run every (rows, width) prefill shape once, before any request: on the CUDA EP ONNX Runtime spends
-        80-150 ms on the first run of each new input shape (H200), which would otherwise stall every decoding
+        a slow first run of each new input shape on the CUDA EP, which would otherwise stall every decoding
         row the first time an arrival has that shape. The junk goes into rows nobody holds yet."""
         started = time.perf_counter()
         widths = sorted({bucket_width(min(1 << e, self.slots - 1), self.slots) for e in range(self.slots.bit_length())})

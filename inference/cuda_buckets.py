@@ -1,8 +1,8 @@
 """Encoder runs in fixed (rows, width) buckets with device-resident buffers and, on the CUDA EP, one captured
 CUDA graph per bucket.
 
-A small batch through a fused encoder is launch-bound: bert-base at batch 1 takes 1.15-1.28 ms as separate
-kernels and 0.49 ms replayed from a CUDA graph (BENCHMARKS.md). A graph replays fixed shapes only, so each
+A small batch through a fused encoder is launch-bound: replayed from a CUDA graph it runs in a fraction of the
+time its separate kernel launches take (BENCHMARKS.md, "Lab experiments"). A graph replays fixed shapes only, so each
 batch is padded to the smallest bucket that holds it: rows to a power of two, width to the next of WIDTHS.
 Padding rows get one real token, so no row attends to nothing. Graphs pin their buffers, so at most
 `max_graphs` buckets are captured; a batch beyond that (or wider than the widest bucket) runs uncaptured.
@@ -58,7 +58,7 @@ class BucketedEncoder:
     def __init__(self, session: ort.InferenceSession, dim: int, cuda_graph: bool, max_graphs: int = 32,
                  inline_tokens: int = 512):
         self.session, self.dim, self.cuda_graph, self.max_graphs = session, dim, cuda_graph, max_graphs
-        # a captured bucket of up to this many padded tokens replays in about 0.3-0.5 ms (MiniLM, H100/H200)
+        # a captured bucket of up to this many padded tokens replays in well under a millisecond (MiniLM)
         self.inline_tokens = inline_tokens
         self.input_names = [i.name for i in session.get_inputs()]
         if not set(self.input_names) <= set(NAMES):

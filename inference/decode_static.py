@@ -113,7 +113,7 @@ class StaticDecoderSession:
         """cuda_graph: None captures decode steps when the session runs on the CUDA EP.
 
         shape_buckets: pad prefills to power-of-two widths (>= 16) so that few input shapes ever reach ONNX
-        Runtime; None: on the CUDA EP, where the first run of each new shape costs 80-150 ms (H200).
+        Runtime; None: on the CUDA EP, where the first run of each new shape is slow (tens of ms or more).
 
         max_length: the most cache slots a row may use (at most the exported one). A request gets the
         smallest power-of-two slot count (>= min_slots) that holds its prompt + max_tokens, so memory

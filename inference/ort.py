@@ -23,7 +23,7 @@ def session_options(threads: int | None = None, eps: Sequence[str] = (), *,
     """Options for a session over `eps` (as `providers` returns them).
 
     gemm_auto_tune: on the CUDA EP, ONNX Runtime times its GEMM kernels per shape (cuBLAS, its small-N GEMV,
-    TensorRT-LLM's tinygemm2) and keeps the fastest (BENCHMARKS.md, "bench/lab/gpu_suite.py"); CPU sessions
+    TensorRT-LLM's tinygemm2) and keeps the fastest (BENCHMARKS.md, "Lab experiments"); CPU sessions
     get nothing they would not use."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

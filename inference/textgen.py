@@ -110,8 +110,7 @@ class TextGenerator:
         """Yield the text each prompt gained (and why it finished, when it did), at most one Delta per prompt and
         item. The first step is an item of its own; after it an item covers the steps of `stream_interval_s`,
         so the hops each item takes (a thread, Serve's stream, an SSE event) are paid per interval, not per
-        token: 32 streams of SmolLM2 on an H200 got 1,556-1,767 tokens/s with an item per step and 3,452-4,380
-        with 20 ms items (BENCHMARKS.md)."""
+        token (BENCHMARKS.md, "Served generation over HTTP")."""
         decoders = [IncrementalDecoder(self.tokenizer, prompt_ids=p) for p in prepared.prompts]
         matchers = [StopStringMatcher(prepared.stop) for _ in prepared.prompts]
         finished = [False] * len(prepared.prompts)
