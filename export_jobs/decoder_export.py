@@ -29,10 +29,7 @@ import onnx
 import torch
 from transformers import DynamicCache
 
-from contract.config import Task
-
-from . import specs
-from .specs import DecoderSpec
+from .specs import decoder_spec
 
 TWO_GB = 2**31
 INFO_FILE = "decoder_info.json"
@@ -91,16 +88,6 @@ class DecoderExportInfo(JsonInfo):
     dtype: str  # numpy name of the KV cache / logits dtype: "float32" or "float16"
     exporter: str
     external_data: bool
-
-
-def spec_for(config) -> DecoderSpec:
-    """The registered decoder spec for this config's model type (export_jobs.specs)."""
-    try:
-        spec = specs.spec_for(Task.generation, config.model_type)
-    except specs.UnsupportedModelError as exc:
-        raise ValueError(str(exc)) from None
-    assert isinstance(spec, DecoderSpec)
-    return spec
 
 
 def io_names(num_layers: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -255,7 +242,7 @@ def export_decoder(
     one file `<out_path name>.data` beside the graph. Writes decoder_info.json beside it too.
     """
     config = model.config
-    spec = spec_for(config)
+    spec = decoder_spec(config.model_type)
     num_layers, kv_heads, head_dim = spec.num_layers(config), spec.num_kv_heads(config), spec.head_dim(config)
     input_names, output_names = io_names(num_layers)
     out_path = Path(out_path)
