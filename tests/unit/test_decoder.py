@@ -8,7 +8,7 @@ import onnx
 import pytest
 import torch
 
-from export_jobs.decoder_export import DecoderExportInfo, Exporter, export_decoder
+from export_jobs.decoder_export import DecoderExportInfo, export_decoder
 from export_jobs.decoder_sources import gpt2_tokenizer, save_tokenizer
 from export_jobs.decoder_validate import (
     TokenMismatchError,
@@ -209,16 +209,3 @@ def test_incremental_decoder_and_stop_strings():
     assert find_stop_string(text, ["STOP"]) == text.index("STOP")
     m = StopStringMatcher(["abc"])
     assert m.push("xab") == ("x", False) and m.push("d") == ("abd", False)
-
-
-@pytest.mark.slow
-def test_dynamo_exporter_gpt2(decoders, tmp_path):
-    """The other torch exporter works too for GPT-2 (slower to export; GPT-Neo takes minutes)."""
-    model = decoders["gpt2"][0]
-    info = export_decoder(model, tmp_path / "model.onnx", exporter=Exporter.DYNAMO)
-    assert info.exporter == "dynamo"
-    figures = validate_decoder(model, tmp_path / "model.onnx", prompts_for("gpt2", model), new_tokens=8,
-                               session=DecoderSession(tmp_path / "model.onnx", session_options=one_thread()))
-    assert figures["greedy_match_tokens"] == 24
-
-
