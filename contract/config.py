@@ -36,10 +36,11 @@ class SpeedOption(str, enum.Enum):
 
     none: the exported fp32 graph; fused: ORT transformer optimizer (Attention, SkipLayerNorm...);
     fp16: fused, then float16 weights and compute (GPU serving); int8: fused, then dynamic int8 (CPU serving).
-    Decoders (generation) take none, fused, fp16, int8 or int4: fused adds the static-cache GroupQueryAttention
-    graph (export_jobs.static_decoder), gated on its own, which the server then decodes with (CUDA graphs on
-    GPUs); fp16 exports that graph from a float16 copy of the model (GPU serving); int8 / int4 quantize its
-    weights (export_jobs.weight_only, CPU serving). fp16, int8 and int4 are gated on top-1 agreement with fp32.
+    Decoders (generation) take the options their family's spec lists (export_jobs.specs): none (the
+    dynamic-cache graph) and, where the family has it, the static-cache GroupQueryAttention graph
+    (export_jobs.static_decoder): fused, gated on its own, which the server then decodes with (CUDA graphs on
+    GPUs); fp16, that graph converted to float16 (GPU serving); int8 / int4, its weights quantized
+    (export_jobs.weight_only, CPU serving). fp16, int8 and int4 are gated on top-1 agreement with fp32.
     """
 
     none = "none"
@@ -97,7 +98,7 @@ class ModelConfig(BaseModel):
     max_length: int | None = Field(None, ge=1, description="Token limit; None: the model's own.")
     truncate: bool = Field(False, description="Truncate over-long inputs instead of refusing them.")
     optimize: SpeedOption = Field(SpeedOption.none, description="Post-export speed option, gated on its own "
-                                  "(decoders: none, fused, fp16, int8 or int4).")
+                                  "(decoders: those their family's export spec lists).")
     opset: int = Field(18, ge=14, le=23)
     tolerance: float | None = Field(None, gt=0.0, description="None: the architecture's default.")
     serving: ServingOptions = ServingOptions()

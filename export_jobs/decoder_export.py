@@ -9,16 +9,13 @@ rebuilds a transformers `DynamicCache` from the flat past tensors, so the model'
 attention and masking code (sliding windows, GQA, RoPE) is what gets exported. The caller
 keeps attention_mask's length equal to past + s (the trace relies on it, as generate() does).
 
-Exporter: the TorchScript one (dynamo=False) by default. With torch 2.13 / transformers 5.24
-both exporters give graphs that match generate() on GPT-2, LLaMA (GQA) and GPT-Neo, but
-torch.export takes 10-40 s for a 2-layer GPT-2 or LLaMA and 110-200 s for a 4-layer GPT-Neo
-on 2 CPU cores (fake-tensor tracing of its masks), against about 1 s for TorchScript.
-`Exporter.DYNAMO` stays available.
+Exporter: TorchScript (torch.onnx.export with dynamo=False). torch.export gives graphs that match
+generate() as well, but its fake-tensor tracing of the attention masks is much slower on CPU.
+The family's spec (export_jobs.specs) gives the KV cache geometry.
 """
 from __future__ import annotations
 
 import dataclasses
-import enum
 import inspect
 import json
 import tempfile
@@ -29,18 +26,10 @@ import onnx
 import torch
 from transformers import DynamicCache
 
-from contract.config import Task
-
-from . import specs
-from .specs import DecoderSpec
+from .specs import decoder_spec
 
 TWO_GB = 2**31
 INFO_FILE = "decoder_info.json"
-
-
-class Exporter(enum.Enum):
-    DYNAMO = "dynamo"  # torch.onnx.export(dynamo=True)
-    TORCHSCRIPT = "torchscript"  # torch.onnx.export(dynamo=False)
 
 
 class JsonInfo:
@@ -89,18 +78,8 @@ class DecoderExportInfo(JsonInfo):
     output_names: tuple[str, ...]
     opset: int
     dtype: str  # numpy name of the KV cache / logits dtype: "float32" or "float16"
-    exporter: str
     external_data: bool
-
-
-def spec_for(config) -> DecoderSpec:
-    """The registered decoder spec for this config's model type (export_jobs.specs)."""
-    try:
-        spec = specs.spec_for(Task.generation, config.model_type)
-    except specs.UnsupportedModelError as exc:
-        raise ValueError(str(exc)) from None
-    assert isinstance(spec, DecoderSpec)
-    return spec
+    exporter: str = "torchscript"  # the only one; kept because manifests record it
 
 
 def io_names(num_layers: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -151,7 +130,7 @@ class _FlatCacheDecoder(torch.nn.Module):
 
 
 def _example_inputs(model, num_layers, kv_heads, head_dim, batch=2, seq=3, past=4):
-    # sizes > 1 so that the dynamo exporter does not specialise a dynamic axis to 0 or 1
+    # sizes > 1, so that no dynamic axis is traced as a constant 0 or 1
     device, dtype = model.device, model.dtype
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq), dtype=torch.int64, device=device)
@@ -176,49 +155,6 @@ def _dynamic_axes(input_names, output_names):
     for name in output_names[1:]:
         axes[name] = {0: "batch", 2: "total_sequence"}
     return axes
-
-
-def _dynamic_shapes(num_layers):
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    seq = torch.export.Dim("sequence", min=1, max=131072)
-    past = torch.export.Dim("past_sequence", min=0, max=131072)
-    total = torch.export.Dim("total_sequence", min=1, max=2 * 131072)
-    kv = {0: batch, 2: past}
-    return (
-        {0: batch, 1: seq},
-        {0: batch, 1: total},
-        {0: batch, 1: seq},
-        tuple(kv for _ in range(2 * num_layers)),  # the *past varargs, as one group
-    )
-
-
-def _export_raw(wrapper, args, path: Path, exporter: Exporter, opset, input_names, output_names):
-    """Write the exporter's own output to `path` (possibly with scattered external data)."""
-    if exporter is Exporter.DYNAMO:
-        program = torch.onnx.export(
-            wrapper,
-            args,
-            dynamic_shapes=_dynamic_shapes(wrapper.num_layers),
-            input_names=list(input_names),
-            output_names=list(output_names),
-            opset_version=opset,
-            dynamo=True,
-            optimize=True,
-            verify=False,
-        )
-        program.save(str(path), external_data=True)
-    else:
-        torch.onnx.export(
-            wrapper,
-            args,
-            str(path),
-            input_names=list(input_names),
-            output_names=list(output_names),
-            dynamic_axes=_dynamic_axes(input_names, output_names),
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
 
 
 def needs_external_data(model) -> bool:
@@ -246,7 +182,6 @@ def export_decoder(
     model,
     out_path: str | Path,
     opset: int = 18,
-    exporter: Exporter = Exporter.TORCHSCRIPT,
     external_data: bool | None = None,
 ) -> DecoderExportInfo:
     """Export `model` (a transformers causal LM in eval mode) to `out_path` (.onnx).
@@ -255,7 +190,7 @@ def export_decoder(
     one file `<out_path name>.data` beside the graph. Writes decoder_info.json beside it too.
     """
     config = model.config
-    spec = spec_for(config)
+    spec = decoder_spec(config.model_type)
     num_layers, kv_heads, head_dim = spec.num_layers(config), spec.num_kv_heads(config), spec.head_dim(config)
     input_names, output_names = io_names(num_layers)
     out_path = Path(out_path)
@@ -267,7 +202,9 @@ def export_decoder(
     args = _example_inputs(model, num_layers, kv_heads, head_dim)
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp, torch.no_grad():
         raw = Path(tmp) / "raw.onnx"
-        _export_raw(wrapper, args, raw, exporter, opset, input_names, output_names)
+        torch.onnx.export(wrapper, args, str(raw), input_names=list(input_names), output_names=list(output_names),
+                          dynamic_axes=_dynamic_axes(input_names, output_names), opset_version=opset,
+                          do_constant_folding=True, dynamo=False)
         proto = onnx.load(str(raw), load_external_data=True)
         check_io(proto, input_names, output_names)
         save_graph(proto, out_path, bool(external_data))
@@ -282,7 +219,6 @@ def export_decoder(
         output_names=output_names,
         opset=opset,
         dtype=str(model.dtype).removeprefix("torch."),
-        exporter=exporter.value,
         external_data=bool(external_data),
     )
     info.save(out_path.parent)

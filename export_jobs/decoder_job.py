@@ -8,7 +8,7 @@ from typing import Any
 from contract.config import ModelConfig, SpeedOption
 
 from .sources import ResolvedSource
-from .specs import DecoderSpec, spec_for
+from .specs import DecoderSpec, decoder_spec
 from .validate import ExportError
 
 STATIC_DIR = "static"  # the `fused` speed option's graph (then the only one exported)
@@ -28,12 +28,11 @@ def export_decoder_model(cfg: ModelConfig, resolved: ResolvedSource, staging: Pa
     from .decoder_sources import save_tokenizer
     from .decoder_validate import validate_decoder
 
-    if cfg.optimize not in (SpeedOption.none, SpeedOption.fused, SpeedOption.fp16, *WEIGHT_BITS):
-        raise ExportError(f"{cfg.id}: decoders take optimize: none, fused (the static-cache GQA graph), fp16 (that "
-                          f"graph in float16), int8 or int4 (its weights quantized), not {cfg.optimize.value}")
     model, tokenizer = load_decoder(resolved)
-    spec = spec_for(cfg.task, model.config.model_type)
-    assert isinstance(spec, DecoderSpec)
+    spec = decoder_spec(model.config.model_type)
+    refusal = spec.refusal(cfg.optimize, model.config)
+    if refusal:  # before any export work: the family's spec says what this model can be exported as
+        raise ExportError(f"{cfg.id}: {refusal}")
     save_tokenizer(tokenizer, staging / "tokenizer")
     eos = eos_ids(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or (0,))[0]

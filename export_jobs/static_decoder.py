@@ -19,26 +19,28 @@ Outputs: logits [b, vocab] float32, next_token [b] int64,
 
 Prompts are right-padded (GQA reads each row's length from seqlens_k; the cache slots after a
 short row's end are overwritten by its own next tokens before anything reads them).
-Supported: GPT-Neo (local layers: local_window_size = window_size, scale 1), GPT-2, LLaMA-style
-(RoPE inside GQA from cos/sin tables, grouped KV heads).
+Each family's spec (export_jobs.specs) says whether it has this graph and how it maps onto it: its blocks,
+attention scale, local windows, RoPE (applied inside GQA from cos/sin tables) or learned positions, and the
+fusions ORT's optimizer must find. Nothing here depends on the model type.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import tempfile
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import onnx
 import torch
 
+from contract.config import SpeedOption
+
 from .decoder_export import JsonInfo, check_io, eos_ids, needs_external_data, save_graph
+from .specs import UnsupportedModelError, decoder_spec
 
 INFO_FILE = "static_decoder.json"
-SUPPORTED = ("gpt_neo", "gpt2", "llama", "mistral", "qwen2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,109 +107,41 @@ class _GatherLast(torch.autograd.Function):
         return g.op("GatherND", hidden, index, batch_dims_i=1)
 
 
-# --- per-architecture blocks -------------------------------------------------------------
-
-
-def _conv1d(layer):
-    """transformers' GPT-2 Conv1D as a plain 3-D matmul: its own forward flattens through view(-1, ...),
-    which exports as Shape/Reshape nodes that the CUDA EP leaves on the CPU (no CUDA graph then)."""
-    return lambda x: torch.matmul(x, layer.weight) + layer.bias
-
-
-def _gpt2_mlp(mlp):
-    return lambda x: _conv1d(mlp.c_proj)(mlp.act(_conv1d(mlp.c_fc)(x)))
-
-
-@dataclasses.dataclass
-class _Layer:
-    norm1: torch.nn.Module
-    qkv: object  # x -> (q, k, v), each [b, s, heads * head_dim]
-    out: object  # x -> x
-    norm2: torch.nn.Module
-    mlp: object  # x -> x
-    # GQA local_window_size: -1 global. ONNX Runtime's kernels (CPU 1.32, CUDA 1.31) let a query see
-    # local_window_size keys ending at its own: GPT-Neo's window_size exactly (the gate proves it).
-    window: int
-
-
 class _StaticDecoder(torch.nn.Module):
+    """The model rebuilt from its family's StaticBlocks (export_jobs.specs) around GQA nodes over a static cache."""
+
     def __init__(self, model, max_length: int):
         super().__init__()
-        self.model = model
         config = model.config
-        kind = config.model_type
-        if kind not in SUPPORTED:
-            raise ValueError(f"the static-cache decoder supports {', '.join(SUPPORTED)}, not {kind!r}")
-        self.kind = kind
-        self.rotary = kind not in ("gpt_neo", "gpt2")
-        if kind == "gpt_neo":
-            base = model.transformer
-            self.heads = self.kv_heads = config.num_heads
-            self.head_dim = config.hidden_size // config.num_heads
-            self.scale = 1.0  # GPT-Neo does not scale its attention scores
-            self.layers = [_Layer(b.ln_1, self._separate(b.attn.attention), b.attn.attention.out_proj, b.ln_2, b.mlp,
-                                  config.window_size if kind_ == "local" else -1)
-                           for b, kind_ in zip(base.h, config.attention_layers)]
-            self.final_norm = base.ln_f
-        elif kind == "gpt2":
-            base = model.transformer
-            if getattr(config, "scale_attn_by_inverse_layer_idx", False) or getattr(config, "reorder_and_upcast_attn", False):
-                raise ValueError("gpt2 with scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn is not supported")
-            self.heads = self.kv_heads = config.n_head
-            self.head_dim = config.n_embd // config.n_head
-            self.scale = 1 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0
-            self.layers = [_Layer(b.ln_1, self._fused_qkv(b.attn.c_attn, config.n_embd), _conv1d(b.attn.c_proj), b.ln_2,
-                                  _gpt2_mlp(b.mlp), -1) for b in base.h]
-            self.final_norm = base.ln_f
-        else:
-            base = model.model
-            self.heads = config.num_attention_heads
-            self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-            self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-            self.scale = 1 / math.sqrt(self.head_dim)
-            window = getattr(config, "sliding_window", None)
-            if window and getattr(config, "use_sliding_window", kind == "mistral"):
-                raise ValueError("sliding-window LLaMA-style models are not supported by the static-cache decoder yet")
-            self.layers = [_Layer(b.input_layernorm, self._separate(b.self_attn), b.self_attn.o_proj,
-                                  b.post_attention_layernorm, b.mlp, -1) for b in base.layers]
-            for b in base.layers:
-                if getattr(b.self_attn, "q_norm", None) is not None:
-                    raise ValueError("attention with q/k norms (Qwen3) is not supported by the static-cache decoder")
-            self.final_norm = base.norm
-            self._rope_tables(base, max_length)
-        self.base = base
-        self.lm_head = model.lm_head
-        self.max_length = max_length
+        spec = decoder_spec(config.model_type)
+        refusal = spec.refusal(SpeedOption.fused, config)
+        if refusal:
+            raise UnsupportedModelError(refusal)
+        self.model, self.spec, self.max_length = model, spec, max_length
+        self.rotary = spec.rotary
+        self.heads, self.kv_heads = spec.num_heads(config), spec.num_kv_heads(config)
+        self.head_dim, self.scale = spec.head_dim(config), spec.attention_scale(config)
+        self.blocks = spec.static_blocks(model)
+        self.layers = self.blocks.layers
+        if self.rotary:
+            self._rope_tables(self.blocks.rotary_emb, max_length)
 
-    @staticmethod
-    def _separate(attn):
-        return lambda x: (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
-
-    @staticmethod
-    def _fused_qkv(c_attn, width):
-        return lambda x: _conv1d(c_attn)(x).split(width, dim=2)
-
-    def _rope_tables(self, base, max_length):
+    def _rope_tables(self, rotary_emb, max_length):
         """cos/sin [max_length, rotary_dim / 2] from the model's own rotary embedding (its scaling included)."""
         positions = torch.arange(max_length, device=self.model.device)[None]
         probe = torch.zeros(1, dtype=self.model.dtype, device=self.model.device)
-        cos, sin = base.rotary_emb(probe, positions)
+        cos, sin = rotary_emb(probe, positions)
         half = cos.shape[-1] // 2
         if not torch.equal(cos[..., :half], cos[..., half:]):
             raise ValueError("this model's rotary embedding is not the rotate-half layout GQA implements")
         self.register_buffer("cos", cos[0, :, :half].contiguous(), persistent=False)
         self.register_buffer("sin", sin[0, :, :half].contiguous(), persistent=False)
 
-    def embed(self, input_ids, position_ids):
-        if not self.rotary:  # GPT-Neo, GPT-2: learned absolute positions
-            return self.base.wte(input_ids) + self.base.wpe(position_ids)
-        return self.base.embed_tokens(input_ids)
-
     def forward(self, input_ids, *rest):
         """(input_ids, [position_ids,] seqlens_k, total_sequence_length, last_index, *past): see io_names."""
         position_ids, rest = (None, rest) if self.rotary else (rest[0], rest[1:])
         seqlens_k, total_sequence_length, last_index, *past = rest
-        hidden = self.embed(input_ids, position_ids)
+        hidden = self.blocks.embed(input_ids, position_ids)
         cos, sin = (self.cos, self.sin) if self.rotary else (seqlens_k, seqlens_k)  # unused without rotary
         present = []
         for i, layer in enumerate(self.layers):
@@ -218,8 +152,8 @@ class _StaticDecoder(torch.nn.Module):
             hidden = hidden + layer.out(attn)
             hidden = hidden + layer.mlp(layer.norm2(hidden))
             present += [pk, pv]
-        last = _GatherLast.apply(self.final_norm(hidden), last_index)
-        logits = self.lm_head(last).float()
+        last = _GatherLast.apply(self.blocks.final_norm(hidden), last_index)
+        logits = self.blocks.lm_head(last).float()
         token = logits.argmax(-1)
         seqlens = seqlens_k + 1  # after a prefill: each row's length; after a decode step: one more
         step = (token[:, None],) if self.rotary else (token[:, None], seqlens[:, None].to(torch.int64))
@@ -249,14 +183,6 @@ def _dynamic_axes(input_names, output_names):
     return {name: axis for name, axis in axes.items() if name in input_names or name in output_names}
 
 
-def expected_fusions(wrapper: _StaticDecoder) -> dict[str, int]:
-    layers = len(wrapper.layers)
-    if wrapper.rotary:  # RMSNorm: the first norm has no residual to fold in; every later one does
-        return {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2 * layers}
-    # LayerNorm: the embedding sum (wte + wpe) folds into the first one as its skip input
-    return {"SkipLayerNormalization": 2 * layers + 1, "FastGelu": layers}
-
-
 def _fuse(raw: Path, wrapper: _StaticDecoder) -> tuple[onnx.ModelProto, dict[str, int]]:
     """ORT's transformer optimizer over the exported graph (norms with their residual adds and biases, the
     tanh GELU): fewer, larger kernels per layer. Attention is already one GQA node. Raises FusionError
@@ -266,10 +192,10 @@ def _fuse(raw: Path, wrapper: _StaticDecoder) -> tuple[onnx.ModelProto, dict[str
 
     from .optimize import FusionError
 
-    options = FusionOptions("gpt2")
+    options = FusionOptions(wrapper.spec.ort_model_type)
     options.enable_attention = False
     options.enable_rotary_embeddings = False
-    model = optimizer.optimize_model(str(raw), model_type="gpt2", num_heads=wrapper.heads,
+    model = optimizer.optimize_model(str(raw), model_type=wrapper.spec.ort_model_type, num_heads=wrapper.heads,
                                      hidden_size=wrapper.heads * wrapper.head_dim, opt_level=0,
                                      optimization_options=options)
     packed = _pack_qkv(model.model)
@@ -277,18 +203,41 @@ def _fuse(raw: Path, wrapper: _StaticDecoder) -> tuple[onnx.ModelProto, dict[str
     counts = dict(collections.Counter(n.op_type for n in model.model.graph.node))
     if packed != len(wrapper.layers):
         raise FusionError({"packed QKV": (packed, len(wrapper.layers))}, counts)
-    expected = expected_fusions(wrapper)
+    expected = wrapper.spec.expected_fusions(len(wrapper.layers))
     missing = {op: (counts.get(op, 0), want) for op, want in expected.items() if counts.get(op, 0) != want}
     if missing:
         raise FusionError(missing, counts)
     return model.model, {op: counts[op] for op in (*expected, "GroupQueryAttention")}
 
 
+class _Projection(NamedTuple):
+    """input @ weight (+ bias), weight and bias initializers, computed by `nodes` for one consumer only."""
+
+    input: str
+    weight: str
+    bias: str | None
+    nodes: list
+
+
+def _projection(node, producer, consumers, weights) -> _Projection | None:
+    bias, nodes = None, [node]
+    if node.op_type == "Add":
+        product, bias = (node.input[1], node.input[0]) if node.input[0] in weights else tuple(node.input)
+        node = producer.get(product)
+        if bias not in weights or node is None or consumers[product] != 1:
+            return None
+        nodes.append(node)
+    if node.op_type != "MatMul" or node.input[1] not in weights or consumers[nodes[0].output[0]] != 1:
+        return None
+    return _Projection(node.input[0], node.input[1], bias, nodes)
+
+
 def _pack_qkv(model: onnx.ModelProto) -> int:
     """Feed every GQA one packed [b, s, (heads + 2 kv_heads) * head_dim] query: one GEMM instead of three.
 
-    q/k/v from three MatMuls on one input (GPT-Neo, LLaMA): their weights are concatenated into one
-    MatMul. q/k/v from a Split of one projection (GPT-2): the Split goes. Returns the GQA nodes packed.
+    q/k/v from three projections of one input (x @ W, or x @ W + b where the layer has biases): their
+    weights are concatenated into one MatMul, their biases into one Add. q/k/v from a Split of one
+    projection: the Split goes. Returns the GQA nodes packed.
     """
     from onnx import numpy_helper
 
@@ -296,27 +245,37 @@ def _pack_qkv(model: onnx.ModelProto) -> int:
     producer = {o: n for n in graph.node for o in n.output}
     consumers = collections.Counter(i for n in graph.node for i in n.input)
     weights = {t.name: t for t in graph.initializer}
+
+    def concat(names, name):
+        arrays = [numpy_helper.to_array(weights[n]) for n in names]
+        graph.initializer.append(numpy_helper.from_array(np.concatenate(arrays, axis=-1), name))
+        return name
+
+    def node(op, inputs, output):
+        graph.node.append(onnx.helper.make_node(op, inputs, [output], name=f"{output}_{op.lower()}"))
+
     drop, packed = [], 0
-    for node in [n for n in graph.node if n.op_type == "GroupQueryAttention"]:
-        sources = [producer.get(name) for name in node.input[:3]]
+    for gqa in [n for n in graph.node if n.op_type == "GroupQueryAttention"]:
+        sources = [producer.get(name) for name in gqa.input[:3]]
         if any(src is None for src in sources):
             continue
+        parts = [_projection(src, producer, consumers, weights) for src in sources]
+        prefix = gqa.name or gqa.output[0]
         if sources[0].op_type == "Split" and all(src is sources[0] for src in sources) \
-                and list(sources[0].output) == list(node.input[:3]) and consumers[sources[0].output[0]] == 1:
+                and list(sources[0].output) == list(gqa.input[:3]) and consumers[sources[0].output[0]] == 1:
             fused_input = sources[0].input[0]
             drop.append(sources[0])
-        elif all(src.op_type == "MatMul" and src.input[1] in weights and src.input[0] == sources[0].input[0]
-                 and consumers[src.output[0]] == 1 for src in sources):
-            arrays = [numpy_helper.to_array(weights[src.input[1]]) for src in sources]
-            name = f"{node.name or node.output[0]}.qkv_weight"
-            graph.initializer.append(numpy_helper.from_array(np.concatenate(arrays, axis=1), name))
-            fused_input = f"{node.name or node.output[0]}.qkv"
-            graph.node.append(onnx.helper.make_node("MatMul", [sources[0].input[0], name], [fused_input],
-                                                    name=f"{node.name or node.output[0]}.qkv_matmul"))
-            drop.extend(sources)
+        elif all(parts) and len({p.input for p in parts}) == 1 and len({p.bias is None for p in parts}) == 1:
+            fused_input = f"{prefix}.qkv"
+            biased = parts[0].bias is not None
+            product = f"{prefix}.qkv_product" if biased else fused_input
+            node("MatMul", [parts[0].input, concat([p.weight for p in parts], f"{prefix}.qkv_weight")], product)
+            if biased:
+                node("Add", [product, concat([p.bias for p in parts], f"{prefix}.qkv_bias")], fused_input)
+            drop.extend(n for p in parts for n in p.nodes)
         else:
             continue
-        node.input[0], node.input[1], node.input[2] = fused_input, "", ""
+        gqa.input[0], gqa.input[1], gqa.input[2] = fused_input, "", ""
         packed += 1
     for src in drop:
         graph.node.remove(src)

@@ -46,6 +46,24 @@ def tiny_causal_lms():
     return {"gpt_neo": neo.eval(), "gpt2": gpt2.eval(), "llama": llama.eval()}
 
 
+def tiny_qwen2(**config):
+    """A random 2-layer Qwen2 (LLaMA layout with Q/K/V biases) in eval mode. transformers zeroes the biases at
+    init, so they are drawn at random here: an export that dropped or misplaced them would not match."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**{
+        "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+        "eos_token_id": 2, "bos_token_id": 1, **config}))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    return model.eval()
+
+
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 

@@ -8,7 +8,7 @@ import onnx
 import pytest
 import torch
 
-from export_jobs.decoder_export import DecoderExportInfo, Exporter, export_decoder
+from export_jobs.decoder_export import DecoderExportInfo, export_decoder
 from export_jobs.decoder_sources import gpt2_tokenizer, save_tokenizer
 from export_jobs.decoder_validate import (
     TokenMismatchError,
@@ -20,7 +20,7 @@ from export_jobs.validate import ParityError
 from inference.decode_dynamic import DecoderSession, generate, generate_all
 from inference.detokenize import IncrementalDecoder, StopStringMatcher, find_stop_string
 from inference.sampling import SamplingParams, sample_next
-from tests.tiny import WINDOW, one_thread, tiny_causal_lms
+from tests.tiny import WINDOW, one_thread, tiny_causal_lms, tiny_qwen2
 
 NEW_TOKENS = 32
 
@@ -30,7 +30,7 @@ def decoders(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     out = {}
-    for name, model in tiny_causal_lms().items():
+    for name, model in {**tiny_causal_lms(), "qwen2": tiny_qwen2()}.items():
         path = tmp_path_factory.mktemp(name) / "model.onnx"
         info = export_decoder(model, path)
         out[name] = (model, path, info, DecoderSession(path, session_options=one_thread()))
@@ -51,11 +51,11 @@ def prompts_for(name: str, model) -> list[list[int]]:
     return [rng.integers(3, model.config.vocab_size, 21).tolist(), rng.integers(3, model.config.vocab_size, 9).tolist()]
 
 
-@pytest.mark.parametrize("name", ["gpt_neo", "gpt2", "llama"])
+@pytest.mark.parametrize("name", ["gpt_neo", "gpt2", "llama", "qwen2"])
 def test_export_info_and_graph_io(decoders, name):
     model, path, info, session = decoders[name]
     assert info.num_layers == 2 and info.opset == 18 and info.exporter == "torchscript"
-    assert info.num_kv_heads == (2 if name == "llama" else 4)
+    assert info.num_kv_heads == (2 if name in ("llama", "qwen2") else 4)
     assert info.input_names[:4] == ("input_ids", "attention_mask", "position_ids", "past_key_values.0.key")
     assert info.output_names[:3] == ("logits", "present.0.key", "present.0.value")
     assert DecoderExportInfo.load(path.parent) == info
@@ -65,7 +65,7 @@ def test_export_info_and_graph_io(decoders, name):
     assert dims[0] and dims[2] and not dims[1] and not dims[3]  # batch and past are symbolic
 
 
-@pytest.mark.parametrize("name", ["gpt_neo", "gpt2", "llama"])
+@pytest.mark.parametrize("name", ["gpt_neo", "gpt2", "llama", "qwen2"])
 def test_greedy_matches_transformers_batch_1_and_left_padded_2(decoders, name):
     model, path, info, session = decoders[name]
     figures = validate_decoder(model, path, prompts_for(name, model), new_tokens=NEW_TOKENS, session=session)
@@ -209,16 +209,3 @@ def test_incremental_decoder_and_stop_strings():
     assert find_stop_string(text, ["STOP"]) == text.index("STOP")
     m = StopStringMatcher(["abc"])
     assert m.push("xab") == ("x", False) and m.push("d") == ("abd", False)
-
-
-@pytest.mark.slow
-def test_dynamo_exporter_gpt2(decoders, tmp_path):
-    """The other torch exporter works too for GPT-2 (slower to export; GPT-Neo takes minutes)."""
-    model = decoders["gpt2"][0]
-    info = export_decoder(model, tmp_path / "model.onnx", exporter=Exporter.DYNAMO)
-    assert info.exporter == "dynamo"
-    figures = validate_decoder(model, tmp_path / "model.onnx", prompts_for("gpt2", model), new_tokens=8,
-                               session=DecoderSession(tmp_path / "model.onnx", session_options=one_thread()))
-    assert figures["greedy_match_tokens"] == 24
-
-

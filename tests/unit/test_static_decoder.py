@@ -1,4 +1,4 @@
-"""The static-cache GQA decoder (the GPU fast path) on CPU: tiny random GPT-Neo / GPT-2 / LLaMA models."""
+"""The static-cache GQA decoder (the GPU fast path) on CPU: tiny random GPT-Neo / GPT-2 / LLaMA / Qwen2 models."""
 from __future__ import annotations
 
 import collections
@@ -16,7 +16,7 @@ from inference.decode_static import (
     generate_static,
 )
 from inference.sampling import SamplingParams
-from tests.tiny import WINDOW, one_thread, tiny_causal_lms
+from tests.tiny import WINDOW, one_thread, tiny_causal_lms, tiny_qwen2
 
 MAX_LENGTH = 96
 MIN_SLOTS = 16
@@ -26,7 +26,7 @@ MIN_SLOTS = 16
 def exported(tmp_path_factory):
     """model type -> (model, static graph path); exported once for the module."""
     out = {}
-    for kind, model in tiny_causal_lms().items():
+    for kind, model in {**tiny_causal_lms(), "qwen2": tiny_qwen2()}.items():
         model.generation_config.eos_token_id = None  # compare full-length greedy runs
         path = tmp_path_factory.mktemp(f"static-{kind}") / "model.onnx"
         export_static_decoder(model, path, max_length=MAX_LENGTH)
@@ -38,16 +38,18 @@ def _session(path, **kwargs) -> StaticDecoderSession:
     return StaticDecoderSession(path, session_options=one_thread(), max_batch=4, min_slots=MIN_SLOTS, **kwargs)
 
 
-@pytest.mark.parametrize("kind", ["gpt_neo", "gpt2", "llama"])
-def test_greedy_tokens_equal_transformers_on_a_right_padded_batch(exported, kind):
+@pytest.mark.parametrize("kind", ["gpt_neo", "gpt2", "llama", "qwen2"])
+def test_greedy_tokens_equal_transformers_alone_and_on_a_right_padded_batch(exported, kind):
     model, path = exported[kind]
     long, short = default_prompts(model)
     assert len(long) > WINDOW  # GPT-Neo's local layers must drop keys: the window semantics are checked
     prompts = [long, short, [7]]  # three rows: bucket 4, one padding row
     expected = [transformers_greedy(model, [p], 24, 0)[0] for p in prompts]
     session = _session(path)
-    assert generate_all_static(session, prompts, SamplingParams(max_tokens=24, temperature=0)) == expected
-    assert sorted(session._idle) == [(4, 64)]  # 4 rows; the longest prompt + 24 tokens fits 64 slots
+    params = SamplingParams(max_tokens=24, temperature=0)
+    assert generate_all_static(session, prompts, params) == expected
+    assert generate_all_static(session, [short], params) == expected[1:2]
+    assert sorted(session._idle) == [(1, 64), (4, 64)]  # the longest prompt + 24 tokens fits 64 slots
 
 
 @pytest.mark.parametrize("kind", ["gpt_neo", "llama"])
@@ -65,7 +67,7 @@ def test_prefills_padded_to_shape_buckets_give_the_same_tokens(exported, kind):
         assert generate_all_static(session, prompts, params) == expected
 
 
-@pytest.mark.parametrize("kind", ["gpt_neo", "gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt_neo", "gpt2", "llama", "qwen2"])
 def test_graph_is_fused_packed_and_free_of_shape_ops(exported, kind):
     """No Shape/Reshape: nothing falls back to the CPU on the CUDA EP, so CUDA graphs can capture a step.
     One packed-QKV GQA per layer, norms fused with their residual adds, as the manifest records."""
@@ -76,10 +78,27 @@ def test_graph_is_fused_packed_and_free_of_shape_ops(exported, kind):
     assert ops["GroupQueryAttention"] == info.num_layers == info.fused_operators["GroupQueryAttention"]
     assert not {"Shape", "Reshape", "Expand", "ConstantOfShape", "Concat", "Split"} & set(ops)
     assert all(list(n.input[1:3]) == ["", ""] for n in graph.node if n.op_type == "GroupQueryAttention")
-    per_layer = 5 if kind == "llama" else 4  # packed qkv, out, MLP (fc + proj; LLaMA gate + up + down)
+    per_layer = 5 if kind in ("llama", "qwen2") else 4  # packed qkv, out, MLP (fc + proj; gate + up + down)
     assert ops["MatMul"] == per_layer * info.num_layers + 1  # + lm_head
     assert {op: ops[op] for op in info.fused_operators} == info.fused_operators
     assert (info.max_length, info.model_type) == (MAX_LENGTH, kind)
+
+
+def test_qwen2_packed_qkv_adds_the_three_biases(exported):
+    """Qwen2's q/k/v projections have biases: the packed projection adds their concatenation, in q, k, v order."""
+    from onnx import numpy_helper
+
+    model, path = exported["qwen2"]
+    graph = onnx.load(str(path)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    for node, layer in zip(gqa, model.model.layers, strict=True):
+        add = producer[node.input[0]]
+        assert add.op_type == "Add" and producer[add.input[0]].op_type == "MatMul"
+        attn = layer.self_attn
+        biases = [p.bias.detach().numpy() for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        np.testing.assert_array_equal(weights[add.input[1]], np.concatenate(biases))
 
 
 def test_gpt_neo_local_layers_carry_the_window(exported):
