@@ -34,7 +34,8 @@ class ExportResult:
 
 
 def _quiet() -> None:
-    """Exporters are chatty (tracer warnings, progress bars); the summary says what matters."""
+    """Exporters are chatty (tracer warnings, progress bars); the summary says what matters. Runs first in a fresh
+    task process, before torch, transformers or tqdm are imported: each reads its setting then."""
     import logging
     import os
     import warnings
@@ -43,6 +44,8 @@ def _quiet() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TORCH_LOGS", "-onnx")  # torch sets torch.onnx's level itself when imported
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader draws its own tqdm bar
     for name in ("torch.onnx", "torch._export", "torch.export", "onnxscript", "transformers", "onnxruntime"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
