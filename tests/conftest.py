@@ -78,3 +78,20 @@ def serve_url(ray_local) -> str:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def minilm_speed(minilm_root):
+    """(fp32 path, torch sentence module, tokenizer, spec, max_length, hf config) for MiniLM."""
+    from contract import manifest
+    from contract.config import Task
+    from export_jobs.encoder_sources import load_encoder
+    from export_jobs.sources import resolve
+    from export_jobs.specs import spec_for
+    from export_jobs.torch_export import SentenceEncoder
+
+    entry = manifest.load(minilm_root)["all-MiniLM-L6-v2"]
+    model, tokenizer, settings, _ = load_encoder(resolve(MINILM))
+    spec = spec_for(Task.embedding, model.config.model_type)
+    module = SentenceEncoder(model, spec.inputs, settings.pooling, settings.normalize).eval()
+    return entry.model_path(minilm_root), module, tokenizer, spec, entry.max_length, model.config

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 from pathlib import Path
 
 import onnxruntime as ort
@@ -84,6 +85,45 @@ def make_tiny_gpt2(directory, context: int):
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory, model, tokenizer
+
+
+def run_concurrently(batcher, requests) -> list[list[list[int]]]:
+    """Each (prompts, params) request through `batcher.generate` in its own thread; new tokens per request."""
+    from inference.sampling import collect
+
+    results: list = [None] * len(requests)
+
+    def run(i, prompts, params):
+        results[i] = collect(batcher.generate(prompts, params), len(prompts))
+
+    threads = [threading.Thread(target=run, args=(i, *r)) for i, r in enumerate(requests)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return results
+
+
+def export_tiny_fp16_decoder(tmp_path, context: int = 128):
+    """make_tiny_gpt2 exported with optimize: fp16 and committed: (entry, root, model, tokenizer)."""
+    from contract import manifest
+    from contract.config import ModelConfig
+    from export_jobs.job import export_one
+
+    directory, model, tokenizer = make_tiny_gpt2(tmp_path / "src", context)
+    cfg = ModelConfig(id="tiny-fp16", source=str(directory), task="generation", optimize="fp16")
+    root = tmp_path / "art"
+    manifest.commit(root, export_one(cfg, root))
+    return manifest.load(root)["tiny-fp16"], root, model, tokenizer
+
+
+def speed_gate(minilm, path, option, providers=("CPUExecutionProvider",)):
+    """export_jobs.optimize.check_speed_option of `path` against the MiniLM module (the minilm_speed fixture)."""
+    from export_jobs.optimize import check_speed_option
+
+    _, module, tokenizer, spec, max_length, config = minilm
+    return check_speed_option(module, path, tokenizer, spec, max_length, config.vocab_size, option,
+                              spec.tolerance, providers)
 
 
 def free_port() -> int:

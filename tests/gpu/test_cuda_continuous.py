@@ -1,30 +1,13 @@
 """inference.continuous: requests that share one KV bucket and one decode step write the tokens they write alone."""
 from __future__ import annotations
 
-import threading
-
-
-def _run_concurrently(batcher, requests) -> list[list[list[int]]]:
-    results: list = [None] * len(requests)
-
-    def run(i, prompts, params):
-        results[i] = collect(batcher.generate(prompts, params), len(prompts))
-
-    threads = [threading.Thread(target=run, args=(i, *r)) for i, r in enumerate(requests)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    return results
-
-
-
 import numpy as np
 
 from export_jobs.static_decoder import export_static_decoder
 from inference.continuous import ContinuousBatcher
 from inference.decode_static import StaticDecoderSession
 from inference.sampling import SamplingParams, collect
+from tests.tiny import run_concurrently
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
@@ -54,11 +37,11 @@ def test_concurrent_generations_on_cuda_graphs_write_their_sequential_tokens(tmp
     concurrent = StaticDecoderSession(tmp_path / "model.onnx", providers=cuda, max_batch=1, min_slots=16)
     assert concurrent.cuda_graph
 
-    class Shared:  # generate_static's contract over the per-request session, for _run_concurrently
+    class Shared:  # generate_static's contract over the per-request session, for run_concurrently
         def generate(self, prompts, params):
             return generate_static(concurrent, prompts, params)
 
-    assert _run_concurrently(Shared(), requests) == expected
+    assert run_concurrently(Shared(), requests) == expected
     # Rows of one bucket are computed independently, so a request in a full batch writes what it writes in the
     # same bucket alone (a 1-row bucket runs other kernels: float16 near-ties may differ there). Prompts go in one
     # token per step here: a prefill runs the prompt kernels, another source of float16 near-ties
@@ -66,7 +49,7 @@ def test_concurrent_generations_on_cuda_graphs_write_their_sequential_tokens(tmp
     batcher = ContinuousBatcher(session, slots=256, prefill=False)
     try:
         one_by_one = [collect(batcher.generate(prompts, params), 1) for prompts, params in requests]
-        assert _run_concurrently(batcher, requests) == one_by_one
+        assert run_concurrently(batcher, requests) == one_by_one
         assert sum(a == b for a, b in zip(one_by_one, expected)) >= 4
     finally:
         batcher.close()

@@ -2,22 +2,9 @@
 KV cache; logits stay float32), gated on top-1 agreement with transformers fp32, served from the manifest."""
 from __future__ import annotations
 
-from contract import manifest
-from contract.config import ModelConfig
 from inference.decode_static import StaticDecoderSession, generate_all_static
 from inference.sampling import SamplingParams, collect
-
-
-def _export(tmp_path, context: int = 128):
-    from export_jobs.job import export_one
-    from tests.tiny import make_tiny_gpt2
-
-    directory, model, tokenizer = make_tiny_gpt2(tmp_path / "src", context)
-    cfg = ModelConfig(id="tiny-fp16", source=str(directory), task="generation", optimize="fp16")
-    root = tmp_path / "art"
-    manifest.commit(root, export_one(cfg, root))
-    return manifest.load(root)["tiny-fp16"], root, model, tokenizer
-
+from tests.tiny import export_tiny_fp16_decoder
 
 
 def test_fp16_export_served_on_cuda_graphs_writes_the_cpu_tokens(tmp_path):
@@ -26,7 +13,7 @@ def test_fp16_export_served_on_cuda_graphs_writes_the_cpu_tokens(tmp_path):
 
     from inference.textgen import TextGenerator
 
-    entry, root, model, tokenizer = _export(tmp_path)
+    entry, root, model, tokenizer = export_tiny_fp16_decoder(tmp_path)
     prompts = [tokenizer(t)["input_ids"] for t in ("The capital of France is", "Once upon a time, in a land far")]
     params = SamplingParams(max_tokens=24, temperature=0)
     cpu = StaticDecoderSession(entry.model_path(root), max_batch=2)

@@ -3,68 +3,43 @@ from __future__ import annotations
 
 import pytest
 
-from tests.tiny import MINILM
+from tests.tiny import MINILM, speed_gate
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def minilm(minilm_root):
-    """(fp32 path, torch sentence module, tokenizer, spec, max_length, hf config) for MiniLM."""
-    from contract import manifest
-    from contract.config import Task
-    from export_jobs.encoder_sources import load_encoder
-    from export_jobs.sources import resolve
-    from export_jobs.specs import spec_for
-    from export_jobs.torch_export import SentenceEncoder
-
-    entry = manifest.load(minilm_root)["all-MiniLM-L6-v2"]
-    model, tokenizer, settings, _ = load_encoder(resolve(MINILM))
-    spec = spec_for(Task.embedding, model.config.model_type)
-    module = SentenceEncoder(model, spec.inputs, settings.pooling, settings.normalize).eval()
-    return entry.model_path(minilm_root), module, tokenizer, spec, entry.max_length, model.config
-
-
-def _gate(minilm, path, option, providers=("CPUExecutionProvider",)):
-    from export_jobs.optimize import check_speed_option
-
-    _, module, tokenizer, spec, max_length, config = minilm
-    return check_speed_option(module, path, tokenizer, spec, max_length, config.vocab_size, option,
-                              spec.tolerance, providers)
-
-
-def test_fused_minilm_fuses_attention_and_passes_its_gate(minilm, tmp_path):
+def test_fused_minilm_fuses_attention_and_passes_its_gate(minilm_speed, tmp_path):
     from contract.config import SpeedOption
     from export_jobs.optimize import apply_speed_option
 
-    fp32, *_, config = minilm
+    fp32, *_, config = minilm_speed
     figures = apply_speed_option(fp32, tmp_path / "model.fused.onnx", SpeedOption.fused, config)
     assert figures["fusions"]["Attention"] == config.num_hidden_layers
     assert figures["fusions"]["SkipLayerNormalization"] == 2 * config.num_hidden_layers
-    gate = _gate(minilm, tmp_path / "model.fused.onnx", SpeedOption.fused)
+    gate = speed_gate(minilm_speed, tmp_path / "model.fused.onnx", SpeedOption.fused)
     assert gate["max_abs_diff"] <= 1e-4 and gate["min_cosine"] >= 0.9999 and gate["cases"] == 7
 
 
-def test_int8_minilm_is_smaller_and_close(minilm, tmp_path):
+def test_int8_minilm_is_smaller_and_close(minilm_speed, tmp_path):
     from contract.config import SpeedOption
     from export_jobs.optimize import apply_speed_option
 
-    fp32, *_, config = minilm
+    fp32, *_, config = minilm_speed
     figures = apply_speed_option(fp32, tmp_path / "model.int8.onnx", SpeedOption.int8, config)
     assert figures["bytes"] < 0.9 * figures["source_bytes"]
     assert figures["int8"]["kept_fp32"] == config.num_hidden_layers  # the FFN down-projections
-    gate = _gate(minilm, tmp_path / "model.int8.onnx", SpeedOption.int8)
+    gate = speed_gate(minilm_speed, tmp_path / "model.int8.onnx", SpeedOption.int8)
     assert gate["min_cosine"] >= 0.99
 
 
-def test_fp16_minilm_passes_its_gate_on_cpu(minilm, tmp_path):
+def test_fp16_minilm_passes_its_gate_on_cpu(minilm_speed, tmp_path):
     """ORT's CPU EP runs the fp16 graph (keep_io_types), so the relaxed gate is checked here too."""
     from contract.config import SpeedOption
     from export_jobs.optimize import apply_speed_option
 
-    fp32, *_, config = minilm
+    fp32, *_, config = minilm_speed
     apply_speed_option(fp32, tmp_path / "model.fp16.onnx", SpeedOption.fp16, config)
-    gate = _gate(minilm, tmp_path / "model.fp16.onnx", SpeedOption.fp16)
+    gate = speed_gate(minilm_speed, tmp_path / "model.fp16.onnx", SpeedOption.fp16)
     assert gate["min_cosine"] >= 0.999 and gate["max_abs_diff"] <= 1e-2
 
 

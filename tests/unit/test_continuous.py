@@ -1,7 +1,6 @@
 """inference.continuous: requests that share one KV bucket and one decode step write the tokens they write alone."""
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -12,7 +11,7 @@ from export_jobs.static_decoder import export_static_decoder
 from inference.continuous import ContinuousBatcher
 from inference.decode_static import StaticDecoderSession
 from inference.sampling import SamplingParams, collect
-from tests.tiny import one_thread, tiny_causal_lms
+from tests.tiny import one_thread, run_concurrently, tiny_causal_lms
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
@@ -37,26 +36,12 @@ def _batcher(path, rows: int = 4, slots: int = 64) -> ContinuousBatcher:
     return ContinuousBatcher(session, slots=slots)  # slots: a power of two
 
 
-def _run_concurrently(batcher, requests) -> list[list[list[int]]]:
-    results: list = [None] * len(requests)
-
-    def run(i, prompts, params):
-        results[i] = collect(batcher.generate(prompts, params), len(prompts))
-
-    threads = [threading.Thread(target=run, args=(i, *r)) for i, r in enumerate(requests)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    return results
-
-
 def test_concurrent_requests_share_steps_and_write_transformers_greedy_tokens(tiny):
     model, path = tiny
     prompts = _prompts(model)
     batcher = _batcher(path)
     try:
-        got = _run_concurrently(batcher, [([p], GREEDY) for p in prompts[:3]] + [(prompts[3:], GREEDY)])
+        got = run_concurrently(batcher, [([p], GREEDY) for p in prompts[:3]] + [(prompts[3:], GREEDY)])
         for prompt, tokens in zip(prompts, [g[0] for g in got]):
             assert tokens == transformers_greedy(model, [prompt], 12, 0)[0]
         # one step decodes every active row: far fewer steps than the requests' prompts + tokens one by one
@@ -73,7 +58,7 @@ def test_more_requests_than_rows_wait_for_free_rows_and_a_request_may_join_mid_f
     try:
         long = batcher.generate([prompts[0]], SamplingParams(max_tokens=20, temperature=0))
         first = [next(long).token_ids[0] for _ in range(3)]  # running alone
-        got = _run_concurrently(batcher, [([p], GREEDY) for p in prompts[1:4]])  # 3 requests, 1 free row
+        got = run_concurrently(batcher, [([p], GREEDY) for p in prompts[1:4]])  # 3 requests, 1 free row
         rest = collect(long, 1)[0]
         assert first + rest == transformers_greedy(model, [prompts[0]], 20, 0)[0]
         for prompt, tokens in zip(prompts[1:4], got):
@@ -184,9 +169,9 @@ def test_a_long_prompt_joining_a_busy_batch_is_prefilled_into_its_rows_and_a_sho
         running = batcher.generate([first, second], SamplingParams(max_tokens=30, temperature=0))
         head = [next(running).token_ids for _ in range(2)]
         assert batcher.prefills_run == 1  # the pair, alone: one call over rows 0 and 1
-        got = _run_concurrently(batcher, [([short], GREEDY)])
+        got = run_concurrently(batcher, [([short], GREEDY)])
         assert batcher.prefills_run == 1
-        got += _run_concurrently(batcher, [([second, first], GREEDY)])
+        got += run_concurrently(batcher, [([second, first], GREEDY)])
         assert batcher.prefills_run == 2
         assert got[0][0] == transformers_greedy(model, [short], 12, 0)[0]
         assert got[1] == [transformers_greedy(model, [p], 12, 0)[0] for p in (second, first)]

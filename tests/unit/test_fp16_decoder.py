@@ -5,8 +5,6 @@ from __future__ import annotations
 import onnx
 import pytest
 
-from contract import manifest
-from contract.config import ModelConfig
 from export_jobs.decoder_validate import (
     AgreementError,
     agreement_gate,
@@ -15,23 +13,13 @@ from export_jobs.decoder_validate import (
 )
 from inference.decode_static import generate_all_static
 from inference.sampling import SamplingParams
-
-
-def _export(tmp_path, context: int = 128):
-    from export_jobs.job import export_one
-    from tests.tiny import make_tiny_gpt2
-
-    directory, model, tokenizer = make_tiny_gpt2(tmp_path / "src", context)
-    cfg = ModelConfig(id="tiny-fp16", source=str(directory), task="generation", optimize="fp16")
-    root = tmp_path / "art"
-    manifest.commit(root, export_one(cfg, root))
-    return manifest.load(root)["tiny-fp16"], root, model, tokenizer
+from tests.tiny import export_tiny_fp16_decoder
 
 
 def test_an_fp16_export_is_gated_and_is_what_the_manifest_serves(tmp_path):
     from inference.textgen import TextGenerator
 
-    entry, root, model, tokenizer = _export(tmp_path)
+    entry, root, model, tokenizer = export_tiny_fp16_decoder(tmp_path)
     assert entry.model_file == "static/model.fp16.onnx" and entry.precision == "fp16"
     assert not (entry.dir_path(root) / "static" / "model.onnx").exists()  # the fp32 graph was gated, then dropped
     graph = onnx.load(str(entry.model_path(root)), load_external_data=False).graph
