@@ -19,7 +19,7 @@ import yaml
 
 from tests.tiny import free_port, make_tiny_bert
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_FILES = ("cluster.yaml", "cluster.local.yaml")
 SERVE_CONFIG = ROOT / "serve_config.yaml"
 
