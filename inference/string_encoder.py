@@ -79,6 +79,11 @@ class TextItem:
         return max(1, len(self.text.split()))
 
 
+def text_items(texts: Sequence[str]) -> list[TextItem]:
+    """The prepare step of a string-input graph: the texts as they are (the graph tokenizes them)."""
+    return [TextItem(t) for t in texts]
+
+
 class TextInputEncoder:
     """The embedder's interface (prepare / run_sorted) over a string-input graph."""
 
@@ -87,7 +92,7 @@ class TextInputEncoder:
         self.dim, self.max_length, self.session = self.impl.dim, None, self.impl.session
 
     def prepare(self, texts: Sequence[str]) -> list[TextItem]:
-        return [TextItem(t) for t in texts]
+        return text_items(texts)
 
     def run(self, items: Sequence[TextItem]) -> np.ndarray:
         return self.impl.embed([item.text for item in items])

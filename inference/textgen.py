@@ -85,9 +85,8 @@ class TextGenerator:
 
     def prepare(self, prompts: list[str], *, max_tokens: int, temperature: float, top_p: float, top_k: int,
                 seed: int | None, stop: list[str], add_special_tokens: bool | None = None) -> Prepared:
-        """Tokenize and check against the context before any decoding starts."""
-        if not prompts:
-            raise InvalidRequest("prompt must not be empty", "prompt")
+        """Tokenize and check against the model (batch size, context) before any decoding starts. The caller has
+        checked the request itself first (at least one prompt, non-empty stop strings, its max_tokens limit)."""
         if isinstance(self.session, StaticDecoderSession) and len(prompts) > self.session.max_batch:
             raise InvalidRequest(f"{self.model_id} decodes at most {self.session.max_batch} prompts per request, "
                                  f"got {len(prompts)}", "prompt")
@@ -100,8 +99,6 @@ class TextGenerator:
             if len(ids) + max_tokens > self.context:
                 raise InputTooLong(f"{where} has {len(ids)} tokens; with max_tokens={max_tokens} that is over "
                                    f"{self.model_id}'s context of {self.context}", where)
-        if any(not s for s in stop):
-            raise InvalidRequest("stop strings must not be empty", "stop")
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 seed=seed)
         return Prepared(tuple(encoded), params, tuple(stop))

@@ -54,12 +54,6 @@ def ensure_artifacts(app_config: AppConfig, export: bool) -> dict[str, manifest.
     return entries
 
 
-def _card(entry: manifest.ManifestEntry) -> dict[str, Any]:
-    return {"id": entry.id, "created": int(entry.created_at), "task": entry.task, "dim": entry.dim,
-            "max_length": entry.max_length, "family": entry.family,
-            "parity_max_abs_diff": entry.parity.max_abs_diff}
-
-
 def user_config(cfg: ModelConfig) -> dict[str, Any]:
     """Batch settings an embedder applies at run time (Embedder.reconfigure / EmbeddingModel.configure)."""
     return {"max_batch_size": cfg.serving.max_batch_size, "batch_wait_timeout_s": cfg.serving.batch_wait_timeout_s,
@@ -92,42 +86,39 @@ def deployment_options(cfg: ModelConfig, name: str) -> dict[str, Any]:
 
 
 def build(app_config: AppConfig, entries: dict[str, manifest.ManifestEntry]) -> Application:
+    """One deployment per model (unless ``server.embed_in_ingress`` keeps embedding models in the ingress) and
+    the Ingress, told which backend each model gets (serve_app.backends.specs)."""
+    from .backends.specs import DeployedEmbedder, DeployedGenerator, InIngressEmbedder
     from .deployments.embedder import Embedder
+    from .deployments.generator import Generator
     from .deployments.ingress import Ingress
+    from .http.schemas import model_card
 
     root = str(Path(app_config.project.artifacts).resolve())
-    embedders, generators, cards, embed_batch, local, tokenize = {}, {}, [], {}, {}, {}
     server = app_config.server
+    embedders, generators, cards = {}, {}, []
     gpus, cpus = 0.0, server.num_cpus
     for cfg in app_config.project.models:
-        entry = entries[cfg.id]
-        cards.append(_card(entry))
+        entry, serving = entries[cfg.id], cfg.serving
+        cards.append(model_card(entry))
+        dumped = entry.model_dump(mode="json")
         if cfg.task is Task.embedding and server.embed_in_ingress:
-            local[cfg.id] = {"entry": entry.model_dump(mode="json"), "root": root, "truncate": cfg.truncate,
-                             "num_cpus": cfg.serving.num_cpus, "cuda_graphs": cfg.serving.cuda_graphs,
-                             "gemm_auto_tune": cfg.serving.gemm_auto_tune,
-                             "user_config": user_config(cfg)}
-            gpus, cpus = gpus + cfg.serving.num_gpus, cpus + cfg.serving.num_cpus
+            embedders[cfg.id] = InIngressEmbedder(dumped, root, cfg.truncate, serving.num_cpus,
+                                                  serving.cuda_graphs, serving.gemm_auto_tune, user_config(cfg))
+            gpus, cpus = gpus + serving.num_gpus, cpus + serving.num_cpus
         elif cfg.task is Task.embedding:
-            opts = deployment_options(cfg, f"embed-{cfg.id}")
-            embedders[cfg.id] = Embedder.options(**opts).bind(
-                entry.model_dump(mode="json"), root, cfg.truncate, cfg.serving.num_cpus, cfg.serving.cuda_graphs,
-                cfg.serving.gemm_auto_tune)
-            embed_batch[cfg.id] = cfg.serving.max_batch_size
-            if entry.input_kind != "text":  # the graph does not tokenize itself: the ingress does
-                tokenize[cfg.id] = {"entry": entry.model_dump(mode="json"), "root": root, "truncate": cfg.truncate}
+            handle = Embedder.options(**deployment_options(cfg, f"embed-{cfg.id}")).bind(
+                dumped, root, cfg.truncate, serving.num_cpus, serving.cuda_graphs, serving.gemm_auto_tune)
+            embedders[cfg.id] = DeployedEmbedder(handle, dumped, root, cfg.truncate, merge=serving.max_batch_size > 1)
         else:
-            from .deployments.generator import Generator
-
-            opts = deployment_options(cfg, f"generate-{cfg.id}")
-            generators[cfg.id] = Generator.options(**opts).bind(entry.model_dump(mode="json"), root,
-                                                               cfg.serving.num_cpus, cfg.serving.continuous_batching,
-                                                               cfg.serving.stream_interval_s,
-                                                               cfg.serving.gemm_auto_tune)
+            handle = Generator.options(**deployment_options(cfg, f"generate-{cfg.id}")).bind(
+                dumped, root, serving.num_cpus, serving.continuous_batching, serving.stream_interval_s,
+                serving.gemm_auto_tune)
+            generators[cfg.id] = DeployedGenerator(handle)
     actor = {"num_cpus": cpus, **({"num_gpus": gpus} if gpus else {})}
     ingress = Ingress.options(num_replicas=server.ingress_replicas, max_ongoing_requests=server.max_ongoing_requests,
                               max_queued_requests=server.max_queued_requests, ray_actor_options=actor)
-    return ingress.bind(embedders, cards, server.model_dump(mode="json"), generators, embed_batch, local, tokenize)
+    return ingress.bind(cards, server.model_dump(mode="json"), embedders, generators)
 
 
 def graph(args: AppArgs) -> Application:

@@ -25,11 +25,12 @@ class GreedyBatcher(Generic[T, R]):
     goes to every caller in the batch. At most ``max_in_flight`` batches run at once. ``wait_s`` > 0
     holds a batch that is not full for up to that long, once a slot is free. ``weight(item)`` is what an item
     counts against ``max_batch_size`` (1 each by default); a batch always takes at least one item.
+    ``max_batch_size=None``: every waiting item (a merger whose receiver decides the batches).
     """
 
-    def __init__(self, run_batch: Callable[[list[T]], Awaitable[Sequence[Any]]], max_batch_size: int,
+    def __init__(self, run_batch: Callable[[list[T]], Awaitable[Sequence[Any]]], max_batch_size: int | None,
                  wait_s: float = 0.0, max_in_flight: int = 1, weight: Callable[[T], int] | None = None):
-        if max_batch_size < 1 or max_in_flight < 1 or wait_s < 0:
+        if (max_batch_size is not None and max_batch_size < 1) or max_in_flight < 1 or wait_s < 0:
             raise ValueError("max_batch_size and max_in_flight must be >= 1, wait_s >= 0")
         self.run_batch, self.max_batch_size, self.wait_s = run_batch, max_batch_size, wait_s
         self.max_in_flight, self.weight = max_in_flight, weight
@@ -53,11 +54,11 @@ class GreedyBatcher(Generic[T, R]):
         return sum(self.weight(item) for item, _ in self._queue) if self.weight else len(self._queue)
 
     def _take(self) -> list[tuple[T, asyncio.Future]]:
-        batch, total = [], 0
-        while self._queue and total < self.max_batch_size:
+        batch, total, limit = [], 0, self.max_batch_size
+        while self._queue and (limit is None or total < limit):
             item, future = self._queue[0]
             size = self.weight(item) if self.weight else 1
-            if batch and total + size > self.max_batch_size:
+            if batch and limit is not None and total + size > limit:
                 break
             self._queue.popleft()
             if not future.done():  # a caller that gave up (timeout, disconnect) is dropped here
@@ -71,7 +72,7 @@ class GreedyBatcher(Generic[T, R]):
         while True:
             await self._arrived.wait()
             await self._slots.acquire()  # requests keep arriving while every slot is busy
-            if self.wait_s and self._queued() < self.max_batch_size:
+            if self.wait_s and (self.max_batch_size is None or self._queued() < self.max_batch_size):
                 await asyncio.sleep(self.wait_s)
             batch = self._take()
             if not batch:

@@ -40,6 +40,18 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bert_root(tiny_bert_dir, tmp_path_factory) -> Path:
+    """tiny_bert_dir exported (sentence mode, 64 tokens) and committed as model "tiny", once per session."""
+    from contract import manifest
+    from contract.config import ModelConfig
+    from export_jobs.job import export_one
+
+    root = tmp_path_factory.mktemp("artifacts-tiny")
+    manifest.commit(root, export_one(ModelConfig(id="tiny", source=str(tiny_bert_dir)), root))
+    return root
+
+
+@pytest.fixture(scope="session")
 def minilm_root(tmp_path_factory) -> Path:
     """The real all-MiniLM-L6-v2, exported (sentence mode) and committed once per session."""
     from contract import manifest

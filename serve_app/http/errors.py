@@ -1,4 +1,4 @@
-"""One error taxonomy, mapped to HTTP status in one place (the ingress installs these handlers).
+"""One error taxonomy, mapped to HTTP status in one place (serve_app.http.routes installs these handlers).
 
 Bodies follow OpenAI's error shape: {"error": {"message", "type", "param", "code"}}. Unknown errors are
 a logged 500 whose body leaks no internals.
@@ -75,29 +75,19 @@ def to_response(exc: ServeError) -> JSONResponse:
 
 
 def unwrap(exc: BaseException) -> BaseException:
-    """Ray re-raises a replica's exception as RayTaskError(cause); serve the cause."""
+    """An error that carries its cause (Ray's RayTaskError(cause), for one) is served as that cause."""
     return getattr(exc, "cause", None) if isinstance(getattr(exc, "cause", None), BaseException) else exc
 
 
 def translate(exc: BaseException) -> ServeError | None:
-    """Map errors that cross a deployment handle onto the taxonomy; None for unknown ones."""
-    from ray.serve.exceptions import BackPressureError
-
+    """The domain error for ``exc``; None for unknown ones (a logged 500). Backends translate the errors of
+    their own transport (serve_app.backends.remote)."""
     exc = unwrap(exc)
     if isinstance(exc, ServeError):
         return exc
-    if isinstance(exc, BackPressureError):
-        return Overloaded("the model is at capacity; retry shortly")
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return RequestTimeout("the request took longer than the server's limit")
     return None
-
-
-def replica_died(exc: BaseException) -> bool:
-    """The replica serving the call went away (killed, crashed, node lost): the request is not at fault."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-
-    return isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError))
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

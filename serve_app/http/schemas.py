@@ -5,6 +5,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
+from contract.manifest import ManifestEntry
+
 
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -50,6 +52,13 @@ class ModelCard(BaseModel):
     parity_max_abs_diff: float
 
 
+def model_card(entry: ManifestEntry) -> ModelCard:
+    """A served model as /v1/models lists it, from its manifest entry."""
+    return ModelCard(id=entry.id, created=int(entry.created_at), task=entry.task, dim=entry.dim,
+                     max_length=entry.max_length, family=entry.family,
+                     parity_max_abs_diff=entry.parity.max_abs_diff)
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
@@ -66,7 +75,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(False, description="A last chunk before [DONE] with no choices and the usage.")
 
 
-class _Sampling(BaseModel):
+class _GenerationRequest(BaseModel):
     """Fields shared by completions and chat completions."""
 
     model_config = ConfigDict(extra="forbid")
@@ -92,12 +101,8 @@ class _Sampling(BaseModel):
     def stops(self) -> list[str]:
         return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def sampling(self) -> dict:
-        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
-                "stop": self.stops()}
 
-
-class CompletionRequest(_Sampling):
+class CompletionRequest(_GenerationRequest):
     prompt: StrictStr | list[StrictStr]
     max_tokens: int = Field(16, ge=1)
 
@@ -112,7 +117,7 @@ class ChatMessage(BaseModel):
     content: StrictStr = Field(max_length=1_000_000)
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)

@@ -12,21 +12,18 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 from contract import manifest  # noqa: E402
 from contract.config import ModelConfig, ProjectConfig  # noqa: E402
 from contract.settings import AppConfig, ServerSettings  # noqa: E402
-from export_jobs.job import export_one  # noqa: E402
 from serve_app.app import build  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 @pytest.fixture(scope="module")
-def fuzz_url(serve_url, tiny_bert_dir, tmp_path_factory):
+def fuzz_url(serve_url, tiny_bert_root):
     from ray import serve
 
-    root = tmp_path_factory.mktemp("art-fuzz")
-    cfg = ModelConfig(id="tiny", source=str(tiny_bert_dir))
-    manifest.commit(root, export_one(cfg, root))
-    app = build(AppConfig(project=ProjectConfig(artifacts=str(root), models=(cfg,)),
-                          server=ServerSettings(max_inputs_per_request=64)), manifest.load(root))
+    cfg = ModelConfig(id="tiny", source="unused/unused")
+    app = build(AppConfig(project=ProjectConfig(artifacts=str(tiny_bert_root), models=(cfg,)),
+                          server=ServerSettings(max_inputs_per_request=64)), manifest.load(tiny_bert_root))
     serve.run(app, name="fuzz", route_prefix="/")
     yield serve_url
     serve.delete("fuzz")

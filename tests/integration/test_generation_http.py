@@ -1,5 +1,6 @@
 """Completions over HTTP on a tiny real decoder: greedy text equals transformers', streaming equals
-non-streaming, chat through the model's template, each bad input a 4xx naming the field."""
+non-streaming, chat through the model's template, disconnects and continuous batching. Each bad input's 4xx is
+tests/unit/test_routes.py."""
 from __future__ import annotations
 
 import json
@@ -51,7 +52,7 @@ def server(serve_url, tiny_lm, tmp_path_factory):
     # fused exports only the static-cache graph, which the manifest names and the gate's figures describe
     assert entry.model_file == static["model_file"] == "static/model.onnx"
     assert not (entry.dir_path(root) / "model.onnx").exists() and entry.metadata.kind == "static_decoder"
-    assert entry.parity.max_abs_diff == static["parity"]["logits_max_abs_diff"] <= entry.parity.tolerance
+    assert entry.parity.max_abs_diff == static["parity"]["logits_max_abs_diff"]
     assert manifest.load(root)[LONG].metadata.kind == "decoder"
     app = build(AppConfig(project=ProjectConfig(artifacts=str(root),
                                                 models=models),
@@ -146,34 +147,6 @@ def test_seeded_sampling_is_reproducible(server):
     a = httpx.post(f"{server}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
     b = httpx.post(f"{server}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
     assert a == b
-
-
-@pytest.mark.parametrize("patch,status,param", [
-    ({"prompt": ""}, 400, "prompt"),
-    ({"prompt": []}, 400, "prompt"),
-    ({"max_tokens": 0}, 400, "max_tokens"),
-    ({"max_tokens": -5}, 400, "max_tokens"),
-    ({"max_tokens": 4001}, 400, "max_tokens"),
-    ({"temperature": -0.1}, 400, "temperature"),
-    ({"top_p": 0}, 400, "top_p"),
-    ({"n": 2}, 400, "n"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ({"model": "nope"}, 404, "model"),
-    ({"stream_options": {"include_usage": True}}, 400, "stream_options"),  # without stream: true
-    ({"stream": True, "stream_options": {"usage": True}}, 400, "stream_options"),
-    ({"prompt": "word " * 130}, 400, "prompt"),
-    ({"prompt": "word " * 70, "max_tokens": 64}, 400, "prompt"),
-])
-def test_bad_completion_requests(server, patch, status, param):
-    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 4, **patch}
-    r = httpx.post(f"{server}/v1/completions", json=body, timeout=60)
-    assert r.status_code == status, r.text
-    assert (r.json()["error"]["param"] or "").startswith(param), r.text
-
-
-def test_embedding_route_refuses_a_generator(server):
-    r = httpx.post(f"{server}/v1/embeddings", json={"model": MODEL, "input": "x"})
-    assert r.status_code == 404 and "generation" not in r.json()["error"]["message"].split("available")[1]
 
 
 @pytest.mark.parametrize("model, counter", [(LONG, "decode_steps"), (LONG_BATCHED, "batched_steps")])

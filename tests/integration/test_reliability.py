@@ -12,17 +12,9 @@ import pytest
 from contract import manifest
 from contract.config import ModelConfig, ProjectConfig
 from contract.settings import AppConfig, ServerSettings
-from export_jobs.job import export_one
 from serve_app.app import build
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tiny_bert_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("art-rel")
-    manifest.commit(root, export_one(ModelConfig(id="tiny", source=str(tiny_bert_dir)), root))
-    return root
 
 
 def _deploy(root, name: str, **serving) -> None:
@@ -49,10 +41,10 @@ async def _burst(url: str, n: int, concurrency: int, timeout: float) -> list[tup
     return out
 
 
-def test_overload_is_refused_fast_and_server_recovers(serve_url, tiny_root):
+def test_overload_is_refused_fast_and_server_recovers(serve_url, tiny_bert_root):
     from ray import serve
 
-    _deploy(tiny_root, "overload", max_ongoing_requests=1, max_queued_requests=2,
+    _deploy(tiny_bert_root, "overload", max_ongoing_requests=1, max_queued_requests=2,
             max_batch_size=1, batch_wait_timeout_s=0.0)
     try:
         results = asyncio.run(_burst(serve_url, n=120, concurrency=120, timeout=30))
@@ -69,11 +61,11 @@ def test_overload_is_refused_fast_and_server_recovers(serve_url, tiny_root):
         serve.delete("overload")
 
 
-def test_killed_replica_is_replaced_and_requests_still_answered(serve_url, tiny_root):
+def test_killed_replica_is_replaced_and_requests_still_answered(serve_url, tiny_bert_root):
     import ray
     from ray import serve
 
-    _deploy(tiny_root, "chaos", num_replicas=2)
+    _deploy(tiny_bert_root, "chaos", num_replicas=2)
     try:
         def replicas() -> dict[str, int]:
             """Live replica actors of this app's embedder: actor name -> process id."""
@@ -114,15 +106,15 @@ def test_killed_replica_is_replaced_and_requests_still_answered(serve_url, tiny_
         serve.delete("chaos")
 
 
-def test_api_keys_and_request_timeout(serve_url, tiny_root):
+def test_api_keys_and_request_timeout(serve_url, tiny_bert_root):
     """Bearer-token auth on /v1/* (health stays open); a call past request_timeout_s is a 504; two ingress
     replicas behind one route."""
     from ray import serve
 
     cfg = ModelConfig(id="tiny", source="unused/unused")
     settings = ServerSettings(api_keys=("s3cret",), request_timeout_s=0.001, ingress_replicas=2)
-    serve.run(build(AppConfig(project=ProjectConfig(artifacts=str(tiny_root), models=(cfg,)), server=settings),
-                    manifest.load(tiny_root)), name="guarded", route_prefix="/")
+    serve.run(build(AppConfig(project=ProjectConfig(artifacts=str(tiny_bert_root), models=(cfg,)), server=settings),
+                    manifest.load(tiny_bert_root)), name="guarded", route_prefix="/")
     try:
         body = {"model": "tiny", "input": "x"}
         missing = httpx.post(f"{serve_url}/v1/embeddings", json=body)

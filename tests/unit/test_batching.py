@@ -40,6 +40,23 @@ def test_lone_request_runs_at_once():
     assert elapsed < 0.05
 
 
+def test_without_a_size_limit_the_next_batch_takes_everything_waiting():
+    """max_batch_size=None: a merger (an ingress merging requests into one call; the receiver decides batches)."""
+    async def main():
+        model = Model(gate=False)
+        batcher = GreedyBatcher(model.run, max_batch_size=None)
+        first = asyncio.create_task(batcher.submit(0))
+        await asyncio.sleep(0.01)
+        rest = [asyncio.create_task(batcher.submit(i)) for i in range(1, 101)]
+        await asyncio.sleep(0.01)
+        model.gate.set()
+        return await asyncio.gather(first, *rest), model.batches
+
+    results, batches = asyncio.run(main())
+    assert results == [i * 10 for i in range(101)]
+    assert batches == [[0], list(range(1, 101))]
+
+
 def test_requests_queued_while_busy_form_the_next_batches():
     async def main():
         model = Model(gate=False)

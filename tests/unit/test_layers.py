@@ -71,6 +71,19 @@ def test_serve_app_reaches_export_jobs_from_the_app_builder_only():
                       exempt={"serve_app/app.py"}) == []
 
 
+def test_the_routes_and_in_process_backends_never_import_ray():
+    """The HTTP contract runs without Ray (tests/unit/test_routes.py): only the remote backends, the build specs
+    and the deployments reach it."""
+    ours = {"contract", "inference", "serve_app"}
+    assert violations("serve_app/http", ours, {"ray", "torch", "tensorflow", "transformers"}) == []
+    for name in ("base", "embedding", "generation"):
+        path = ROOT / "serve_app" / "backends" / f"{name}.py"
+        assert "ray" not in {module.split(".")[0] for module in imported_modules(path)}, path
+    code = ("import sys, serve_app.http.routes, serve_app.backends.embedding, serve_app.backends.generation; "
+            "sys.exit('ray' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
 def test_a_broken_rule_is_caught(tmp_path):
     """The checker itself: a runtime module that imports torch inside a function, and one that reaches into the
     serving package, are both reported."""
@@ -84,7 +97,7 @@ def test_a_broken_rule_is_caught(tmp_path):
 
 @pytest.mark.parametrize("module", ["inference.textgen", "inference.encoder", "inference.string_encoder",
                                     "serve_app.deployments.generator", "serve_app.deployments.embedder",
-                                    "serve_app.deployments.ingress"])
+                                    "serve_app.deployments.ingress", "serve_app.http.routes"])
 def test_serving_modules_load_without_torch_tensorflow_or_transformers(module):
     code = (f"import sys, {module}; bad = [m for m in ('torch', 'tensorflow', 'transformers') if m in sys.modules]; "
             "print(bad); sys.exit(bool(bad))")

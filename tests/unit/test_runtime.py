@@ -5,16 +5,14 @@ import sys
 import numpy as np
 import pytest
 
-from contract.config import ModelConfig
+from contract import manifest
 from contract.errors import InputTooLong
-from export_jobs.job import export_one
 from inference.encoder import EncoderSession, l2_normalize, mean_pool
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_bert_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("rt")
-    return export_one(ModelConfig(id="tiny", source=str(tiny_bert_dir)), root), root
+def tiny(tiny_bert_root):
+    return manifest.load(tiny_bert_root)["tiny"], tiny_bert_root
 
 
 def test_mean_pool_ignores_padding():
