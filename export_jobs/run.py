@@ -33,19 +33,18 @@ class ExportResult:
         return self.entry["parity"]["max_abs_diff"] if self.entry else None
 
 
+# Set in each export task's process before anything loads: torch sets torch.onnx's log level when imported
+# (its "torchvision is not installed" lines), and tqdm reads TQDM_ at import (transformers' GGUF loader's bar).
+QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
+             "TORCH_LOGS": "-onnx", "TQDM_DISABLE": "1"}
+
+
 def _quiet() -> None:
-    """Exporters are chatty (tracer warnings, progress bars); the summary says what matters. Runs first in a fresh
-    task process, before torch, transformers or tqdm are imported: each reads its setting then."""
+    """Exporters are chatty (tracer warnings, optimizer INFO logs); the summary says what matters."""
     import logging
-    import os
     import warnings
 
     warnings.simplefilter("ignore")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("TORCH_LOGS", "-onnx")  # torch sets torch.onnx's level itself when imported
-    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader draws its own tqdm bar
     for name in ("torch.onnx", "torch._export", "torch.export", "onnxscript", "transformers", "onnxruntime"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -66,7 +65,7 @@ def _export_task(cfg_json: dict, root: str) -> ExportResult:
 
 # max_calls=1: each export gets a fresh worker process (frees torch memory; never reuses a process
 # that imported TensorFlow for ONNX Runtime work). max_retries=0: a failed export is reported, not hidden.
-export_task = ray.remote(max_calls=1, max_retries=0)(_export_task)
+export_task = ray.remote(max_calls=1, max_retries=0, runtime_env={"env_vars": QUIET_ENV})(_export_task)
 
 
 PROGRESS_EVERY_S = 15.0
