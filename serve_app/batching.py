@@ -3,9 +3,8 @@ requests pile up and the next batch takes all of them.
 
 Ray Serve's ``@serve.batch`` forms the next batch as soon as the previous one has been formed, before it
 has run, so with a short wait it sends many small batches to a busy model, and with a long wait it delays
-a lone request (measured on an H200: mean batch 6 at concurrency 256, and +5 ms per request at
-concurrency 1 with a 5 ms wait; BENCHMARKS.md). Here a batch is formed only when a run slot is free, which is what
-Triton's dynamic batcher does with no queue delay.
+a lone request (BENCHMARKS.md, "Served embeddings on one GPU"). Here a batch is formed only when a run slot
+is free, which is what Triton's dynamic batcher does with no queue delay.
 """
 from __future__ import annotations
 

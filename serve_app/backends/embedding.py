@@ -79,7 +79,7 @@ class EmbeddingModel:
         self.sizes.append(len(requests))
         rows = [item for request in requests for item in request]
         if len(requests) == 1 and self.session.quick(rows):
-            # A lone request (nothing else was queued) on a small captured graph: a 0.3 ms replay costs less
+            # A lone request (nothing else was queued) on a small captured graph: a sub-millisecond replay costs less
             # here than the hop to a thread and back. Under load the thread stays, so tokenizing and
             # (de)serializing the next requests overlaps the GPU run.
             vectors = self.session.run_sorted(rows, self.max_rows)
