@@ -65,7 +65,7 @@ ServedHere = Annotated[Served, Depends(_served)]
 async def _within(seconds: float, work: Awaitable[T]) -> T:
     try:
         return await asyncio.wait_for(work, seconds)
-    except TimeoutError:
+    except asyncio.TimeoutError:  # TimeoutError itself from 3.11 on
         raise RequestTimeout("the request took longer than the server's limit") from None
 
 
