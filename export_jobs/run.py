@@ -23,6 +23,7 @@ class ExportResult:
     seconds: float = 0.0
     node_id: str = ""
     host: str = ""
+    gpus: tuple[str, ...] = ()  # the GPU ids Ray gave the task on its node (CUDA_VISIBLE_DEVICES)
     started: float = 0.0
     finished: float = 0.0
     error: str = ""
@@ -53,7 +54,9 @@ def _export_task(cfg_json: dict, root: str) -> ExportResult:
     _quiet()
     cfg = ModelConfig.model_validate(cfg_json)
     started = time.time()
-    where = {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "started": started}
+    context = ray.get_runtime_context()
+    where = {"node_id": context.get_node_id(), "host": socket.gethostname(), "started": started,
+             "gpus": tuple(context.get_accelerator_ids().get("GPU", ()))}
     try:
         entry = export_one(cfg, root)
     except Exception as exc:  # reported in the summary; the manifest keeps the previous entry
@@ -119,10 +122,11 @@ def export_models(config: ProjectConfig, *, only: Iterable[str] | None = None, f
 
 
 def summary_table(results: list[ExportResult]) -> str:
-    rows = [("model", "status", "seconds", "max abs diff", "node", "error")]
+    rows = [("model", "status", "seconds", "max abs diff", "node", "gpu", "error")]
     for r in results:
         diff = f"{r.max_abs_diff:.2e}" if r.max_abs_diff is not None else "-"
-        rows.append((r.id, r.status, f"{r.seconds:.1f}", diff, r.node_id[:8] or "-", r.error[:80] or "-"))
+        rows.append((r.id, r.status, f"{r.seconds:.1f}", diff, r.node_id[:8] or "-", ",".join(r.gpus) or "-",
+                     r.error[:80] or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
 

@@ -31,7 +31,8 @@ class Embedder:
         return list(self.model.sizes)
 
     def info(self) -> dict[str, Any]:
-        return self.model.info()
+        """The model's id, dimension and token limit, and the GPU ids Ray gave this replica (its placement)."""
+        return {**self.model.info(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
     def check_health(self) -> None:
         """Ray calls this periodically; a replica whose session no longer runs is replaced."""
