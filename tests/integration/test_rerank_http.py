@@ -1,0 +1,63 @@
+"""Rerank and classify through Ray Serve: a models file served with serve_app:graph (the artifacts already
+exported, so nothing is exported again), each model in its own Classifier deployment, concurrent requests."""
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from contract import manifest
+from inference.classifier import ClassifierSession, sigmoid
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+RERANK, CLASSIFY = "tiny-rerank", "tiny-classify"
+
+
+@pytest.fixture(scope="module")
+def server(serve_url, tiny_scorers_root, tmp_path_factory):
+    from ray import serve
+
+    from serve_app.app import graph
+
+    entries = manifest.load(tiny_scorers_root)
+    models = [{"id": m, "source": entries[m].source, "task": entries[m].task,
+               "serving": {"num_cpus": 0.5, "max_batch_size": 8}} for m in (RERANK, CLASSIFY)]
+    config = tmp_path_factory.mktemp("models") / "models.yaml"
+    config.write_text(yaml.safe_dump({"artifacts": str(tiny_scorers_root), "models": models}))
+    serve.run(graph({"config": str(config), "export": False}), name="scorers", route_prefix="/")
+    yield serve_url
+    serve.delete("scorers")
+
+
+def test_deployments_models_and_ready(server):
+    from ray import serve
+
+    assert set(serve.status().applications["scorers"].deployments) == {
+        "Ingress", f"rerank-{RERANK}", f"classify-{CLASSIFY}"}
+    cards = {c["id"]: c for c in httpx.get(f"{server}/v1/models").json()["data"]}
+    assert cards[RERANK]["task"] == "rerank" and cards[CLASSIFY]["labels"] == ["negative", "neutral", "positive"]
+    assert httpx.get(f"{server}/ready").json()["models"] == {RERANK: True, CLASSIFY: True}
+
+
+def test_concurrent_reranks_equal_the_session(server, tiny_scorers_root):
+    queries = [f"question {i} about rivers" for i in range(12)]
+    docs = [f"passage {j}: the river runs {'far ' * j}to the sea" for j in range(20)]
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(client.post(f"{server}/v1/rerank", json={
+                "model": RERANK, "query": q, "documents": docs, "top_n": 5}) for q in queries))
+
+    responses = asyncio.run(main())
+    assert [r.status_code for r in responses] == [200] * len(queries)
+    session = ClassifierSession(manifest.load(tiny_scorers_root)[RERANK], tiny_scorers_root)
+    for query, r in zip(queries, responses):
+        scores = sigmoid(session.run(session.preparer.pairs(query, docs))[:, 0])
+        results = r.json()["results"]
+        assert [x["index"] for x in results] == list(np.argsort(-scores, kind="stable")[:5])
+        np.testing.assert_allclose([x["relevance_score"] for x in results], np.sort(scores)[::-1][:5], atol=1e-5)
+    bad = httpx.post(f"{server}/v1/classify", json={"model": RERANK, "input": "x"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "model"
