@@ -61,3 +61,17 @@ def test_concurrent_reranks_equal_the_session(server, tiny_scorers_root):
         np.testing.assert_allclose([x["relevance_score"] for x in results], np.sort(scores)[::-1][:5], atol=1e-5)
     bad = httpx.post(f"{server}/v1/classify", json={"model": RERANK, "input": "x"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "model"
+
+
+@pytest.mark.parametrize("option", ["fused", "int8"])
+def test_speed_options_are_gated_against_transformers(option, tmp_path):
+    """fused holds the fp32 tolerance; int8 its own (0.1 on logits); both prove the truncated pairs too."""
+    from contract.config import ModelConfig
+    from export_jobs.job import export_one
+    from tests.tiny import make_tiny_classifier
+
+    source = make_tiny_classifier(tmp_path / "src", 1)
+    entry = export_one(ModelConfig(id="r", source=str(source), task="rerank", optimize=option), tmp_path / "art")
+    assert entry.model_file == f"model.{option}.onnx" and entry.precision == ("int8" if option == "int8" else "fp32")
+    assert entry.metadata.speed["fusions"]["Attention"] == 2 and entry.parity.details["truncated_rows"] > 0
+    assert entry.parity.max_abs_diff <= (1e-4 if option == "fused" else 0.1) and entry.parity.cases == 16
