@@ -145,3 +145,24 @@ def test_scoring_tasks_truncate_unless_told_and_refuse_mismatched_models(tmp_pat
     with pytest.raises(UnsupportedModelError, match="one-logit"):
         labels_for(Task.rerank, Config)
     assert labels_for(Task.classify, Config) == ("a", "b", "c")
+
+
+def test_the_gate_refuses_an_artifact_of_other_weights(tiny_scorers_root, tmp_path):
+    """The classify artifact checked against a classifier of the same shape but other weights: refused."""
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from export_jobs.classifier_job import check_classifier
+    from export_jobs.specs import spec_for
+    from export_jobs.validate import ParityError
+    from inference.classifier import PairPreparer
+    from tests.tiny import make_tiny_classifier
+
+    entry = manifest.load(tiny_scorers_root)[CLASSIFY]
+    other = make_tiny_classifier(tmp_path / "other", 3, seed=7)
+    model = AutoModelForSequenceClassification.from_pretrained(other, attn_implementation="eager").eval()
+    preparer = PairPreparer(Tokenizer.from_file(str(entry.dir_path(tiny_scorers_root) / entry.metadata.tokenizer)),
+                            CLASSIFY, entry.max_length, True)
+    with pytest.raises(ParityError, match="logits"):
+        check_classifier(model, entry.model_path(tiny_scorers_root), AutoTokenizer.from_pretrained(other), preparer,
+                         spec_for(Task.classify, "bert"), Task.classify, 1e-4)
