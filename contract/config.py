@@ -119,9 +119,8 @@ class ModelConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _scoring_truncates(cls, raw):
-        if isinstance(raw, dict) and "truncate" not in raw and str(getattr(raw.get("task"), "value", raw.get("task"))) \
-                in ("rerank", "classify"):
-            raw = {**raw, "truncate": True}
+        if isinstance(raw, dict) and "truncate" not in raw and raw.get("task") in SCORING_TASKS:
+            raw = {**raw, "truncate": True}  # as CrossEncoder does; the field's default stays False for the rest
         return raw
 
     @model_validator(mode="after")
