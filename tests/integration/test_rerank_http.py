@@ -75,3 +75,47 @@ def test_speed_options_are_gated_against_transformers(option, tmp_path):
     assert entry.model_file == f"model.{option}.onnx" and entry.precision == ("int8" if option == "int8" else "fp32")
     assert entry.metadata.speed["fusions"]["Attention"] == 2 and entry.parity.details["truncated_rows"] > 0
     assert entry.parity.max_abs_diff <= (1e-4 if option == "fused" else 0.1) and entry.parity.cases == 16
+
+
+@pytest.mark.parametrize("family", ["distilbert", "electra", "mpnet"])
+def test_other_encoder_families_export_as_rerankers(family, tmp_path):
+    """Tiny random DistilBERT (no token_type_ids), ELECTRA and MPNet cross-encoders with MiniLM's WordPiece
+    tokenizer: exported, gated on pairs (alone, padded, truncated) and served scores equal transformers'."""
+    import torch
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DistilBertConfig,
+        ElectraConfig,
+        MPNetConfig,
+    )
+
+    from contract.config import ModelConfig
+    from export_jobs.job import export_one
+    from export_jobs.sources import resolve
+    from tests.tiny import MINILM
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(resolve(MINILM).location, model_max_length=128)
+    common = {"vocab_size": tokenizer.vocab_size, "max_position_embeddings": 130, "num_labels": 1}
+    config = {"distilbert": DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=37, **common),
+              "electra": ElectraConfig(embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=37, **common),
+              "mpnet": MPNetConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                                   **common)}[family]
+    AutoModelForSequenceClassification.from_config(config).eval().save_pretrained(tmp_path / "src")
+    tokenizer.save_pretrained(tmp_path / "src")
+    root = tmp_path / "art"
+    entry = export_one(ModelConfig(id="r", source=str(tmp_path / "src"), task="rerank"), root)
+    manifest.commit(root, entry)
+    assert entry.parity.max_abs_diff < 1e-4 and entry.parity.details["truncated_rows"] > 0
+    session = ClassifierSession(manifest.load(root)["r"], root)
+    docs = ["a short one", "Paris is the capital of France. " * 40]
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "src").eval()
+    enc = tokenizer(["capital?"] * 2, docs, padding=True, truncation=True, max_length=entry.max_length,
+                    return_tensors="pt")
+    enc = {k: v for k, v in enc.items() if k in entry.metadata.inputs}
+    with torch.inference_mode():
+        expected = torch.sigmoid(model(**enc).logits[:, 0]).numpy()
+    got = sigmoid(session.run(session.preparer.pairs("capital?", docs))[:, 0])
+    np.testing.assert_allclose(got, expected, atol=1e-4)
