@@ -119,3 +119,44 @@ def test_other_encoder_families_export_as_rerankers(family, tmp_path):
         expected = torch.sigmoid(model(**enc).logits[:, 0]).numpy()
     got = sigmoid(session.run(session.preparer.pairs("capital?", docs))[:, 0])
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_a_roberta_cross_encoder_exports_and_serves(tmp_path):
+    """RoBERTa's pair template (<s> A </s></s> B </s>), no token_type_ids, and position ids counted from the
+    padding id: a tiny byte-level BPE trained here (no hub) under a random RobertaForSequenceClassification."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import RobertaConfig, RobertaForSequenceClassification, RobertaTokenizerFast
+
+    from contract.config import ModelConfig
+    from export_jobs.classifier_job import DOCUMENTS, QUERIES
+    from export_jobs.job import export_one
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    bpe.train_from_iterator(list(QUERIES + DOCUMENTS) * 3, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    tokenizer = RobertaTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                                     cls_token="<s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>",
+                                     model_max_length=128)
+    torch.manual_seed(0)
+    model = RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+        max_position_embeddings=130, num_labels=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        type_vocab_size=1)).eval()
+    model.save_pretrained(tmp_path / "src")
+    tokenizer.save_pretrained(tmp_path / "src")
+    root = tmp_path / "art"
+    entry = export_one(ModelConfig(id="r", source=str(tmp_path / "src"), task="rerank"), root)
+    manifest.commit(root, entry)
+    assert entry.family == "roberta" and entry.metadata.inputs == ("input_ids", "attention_mask")
+    assert entry.parity.max_abs_diff < 1e-4 and entry.parity.details["truncated_rows"] > 0
+    docs = ["ok", "Paris is the capital of France. " * 40, "ONNX Runtime"]
+    session = ClassifierSession(manifest.load(root)["r"], root)
+    enc = tokenizer(["capital?"] * 3, docs, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    with torch.inference_mode():
+        expected = torch.sigmoid(model(**enc).logits[:, 0]).numpy()
+    np.testing.assert_allclose(sigmoid(session.run(session.preparer.pairs("capital?", docs))[:, 0]), expected,
+                               atol=1e-4)
