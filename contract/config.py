@@ -22,6 +22,11 @@ MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 class Task(str, enum.Enum):
     embedding = "embedding"
     generation = "generation"
+    rerank = "rerank"  # a one-logit sequence-pair classifier (cross-encoder): score = sigmoid(logit)
+    classify = "classify"  # a sequence classifier: softmax over the labels of its id2label
+
+
+SCORING_TASKS = (Task.rerank, Task.classify)
 
 
 class EncoderMode(str, enum.Enum):
@@ -96,7 +101,8 @@ class ModelConfig(BaseModel):
     mode: EncoderMode = EncoderMode.sentence
     normalize: bool | None = Field(None, description="None: follow the sentence-transformers config.")
     max_length: int | None = Field(None, ge=1, description="Token limit; None: the model's own.")
-    truncate: bool = Field(False, description="Truncate over-long inputs instead of refusing them.")
+    truncate: bool = Field(False, description="Truncate over-long inputs instead of refusing them (rerank and "
+                           "classify: true unless set, longest_first over the pair, as CrossEncoder does).")
     optimize: SpeedOption = Field(SpeedOption.none, description="Post-export speed option, gated on its own "
                                   "(decoders: those their family's export spec lists).")
     opset: int = Field(18, ge=14, le=23)
@@ -109,6 +115,13 @@ class ModelConfig(BaseModel):
         if any(ord(ch) < 32 for ch in value):
             raise ValueError("source contains control characters")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scoring_truncates(cls, raw):
+        if isinstance(raw, dict) and "truncate" not in raw and raw.get("task") in SCORING_TASKS:
+            raw = {**raw, "truncate": True}  # as CrossEncoder does; the field's default stays False for the rest
+        return raw
 
     @model_validator(mode="after")
     def _option_fits_task(self) -> "ModelConfig":

@@ -65,6 +65,22 @@ class EncoderMeta(_Meta):
     speed: dict[str, Any] | None = None  # the speed option's build and gate figures
 
 
+class ClassifierMeta(_Meta):
+    """A sequence classifier (task rerank or classify): token ids of a text or a (query, document) pair in,
+    logits [n, len(labels)] out; the runtime applies sigmoid (one logit) or softmax."""
+
+    kind: Literal["classifier"] = "classifier"
+    tokenizer: str
+    labels: tuple[str, ...]  # id2label in index order; ("score",) for a one-logit reranker
+    pairs: bool  # rerank: (query, document) pairs; classify: single texts
+    truncation: Literal["longest_first", "refuse"] = "longest_first"
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...] = ("logits",)
+    pad_token_id: int = 0
+    model_type: str
+    speed: dict[str, Any] | None = None
+
+
 class StringEncoderMeta(_Meta):
     """A text-input graph (TensorFlow string ops through onnxruntime-extensions): it tokenizes itself."""
 
@@ -98,7 +114,7 @@ class StaticDecoderMeta(_DecoderMeta):
     weight_only: dict[str, Any] | None = None
 
 
-ArtifactMeta = Annotated[Union[EncoderMeta, StringEncoderMeta, DecoderMeta, StaticDecoderMeta],
+ArtifactMeta = Annotated[Union[EncoderMeta, ClassifierMeta, StringEncoderMeta, DecoderMeta, StaticDecoderMeta],
                          Field(discriminator="kind")]
 
 
@@ -106,7 +122,7 @@ class ManifestEntry(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: str
-    task: Literal["embedding", "generation"]
+    task: Literal["embedding", "generation", "rerank", "classify"]
     family: str
     input_kind: Literal["tokens", "text"] = "tokens"
     source: str

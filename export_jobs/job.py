@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from contract import manifest
-from contract.config import ModelConfig, Task
+from contract.config import SCORING_TASKS, ModelConfig, Task
 
 from .sources import resolve
 from .validate import ExportError
@@ -24,6 +24,10 @@ def _export_into(cfg: ModelConfig, staging: Path) -> dict:
         from .decoder_job import export_decoder_model
 
         return export_decoder_model(cfg, resolved, staging)
+    if cfg.task in SCORING_TASKS:
+        from .classifier_job import export_classifier
+
+        return export_classifier(cfg, resolved, staging)
     from .encoder_job import export_encoder
 
     return export_encoder(cfg, resolved, staging)

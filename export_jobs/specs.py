@@ -53,6 +53,19 @@ class RobertaSpec(EncoderSpec):
     inputs: tuple[str, ...] = ("input_ids", "attention_mask")
 
 
+@dataclass(frozen=True)
+class BertClassifierSpec(BertSpec):
+    """*ForSequenceClassification on a BERT-family encoder: token ids of a text or a pair in, logits out.
+    Registered for rerank (one logit) and classify (id2label)."""
+
+    task: ClassVar[Task] = Task.classify
+
+
+@dataclass(frozen=True)
+class RobertaClassifierSpec(RobertaSpec):
+    task: ClassVar[Task] = Task.classify
+
+
 STATIC_OPTIONS = (SpeedOption.none, SpeedOption.fused, SpeedOption.fp16, SpeedOption.int8, SpeedOption.int4)
 
 
@@ -296,12 +309,14 @@ _REGISTRY: dict[tuple[Task, str], ExportSpec] = {}
 
 
 def register(spec: ExportSpec) -> ExportSpec:
-    for model_type in spec.model_types:
-        _REGISTRY[(spec.task, model_type)] = spec
+    tasks = (Task.rerank, Task.classify) if spec.task is Task.classify else (spec.task,)
+    for task in tasks:
+        for model_type in spec.model_types:
+            _REGISTRY[(task, model_type)] = spec
     return spec
 
 
-for _spec in (BertSpec(), RobertaSpec(), GPTNeoSpec(), GPT2Spec(), LlamaSpec(), Qwen2Spec(), Qwen3Spec(),
+for _spec in (BertSpec(), RobertaSpec(), BertClassifierSpec(), RobertaClassifierSpec(), GPTNeoSpec(), GPT2Spec(), LlamaSpec(), Qwen2Spec(), Qwen3Spec(),
               SmolLM3Spec(), TfStringSpec()):
     register(_spec)
 

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict
 from ray.serve import Application
 
 from contract import manifest
-from contract.config import ModelConfig, Task
+from contract.config import SCORING_TASKS, ModelConfig, Task
 from contract.settings import AppConfig, load_app_config
 from inference.ort import GEMM_REPLAY_TUNING_ENV
 
@@ -88,7 +88,8 @@ def deployment_options(cfg: ModelConfig, name: str) -> dict[str, Any]:
 def build(app_config: AppConfig, entries: dict[str, manifest.ManifestEntry]) -> Application:
     """One deployment per model (unless ``server.embed_in_ingress`` keeps embedding models in the ingress) and
     the Ingress, told which backend each model gets (serve_app.backends.specs)."""
-    from .backends.specs import DeployedEmbedder, DeployedGenerator, InIngressEmbedder
+    from .backends.specs import DeployedClassifier, DeployedEmbedder, DeployedGenerator, InIngressEmbedder
+    from .deployments.classifier import Classifier
     from .deployments.embedder import Embedder
     from .deployments.generator import Generator
     from .deployments.ingress import Ingress
@@ -96,7 +97,7 @@ def build(app_config: AppConfig, entries: dict[str, manifest.ManifestEntry]) -> 
 
     root = str(Path(app_config.project.artifacts).resolve())
     server = app_config.server
-    embedders, generators, cards = {}, {}, []
+    embedders, generators, classifiers, cards = {}, {}, {}, []
     gpus, cpus = 0.0, server.num_cpus
     for cfg in app_config.project.models:
         entry, serving = entries[cfg.id], cfg.serving
@@ -110,6 +111,10 @@ def build(app_config: AppConfig, entries: dict[str, manifest.ManifestEntry]) -> 
             handle = Embedder.options(**deployment_options(cfg, f"embed-{cfg.id}")).bind(
                 dumped, root, cfg.truncate, serving.num_cpus, serving.cuda_graphs, serving.gemm_auto_tune)
             embedders[cfg.id] = DeployedEmbedder(handle, dumped, root, cfg.truncate, merge=serving.max_batch_size > 1)
+        elif cfg.task in SCORING_TASKS:
+            handle = Classifier.options(**deployment_options(cfg, f"{cfg.task.value}-{cfg.id}")).bind(
+                dumped, root, cfg.truncate, serving.num_cpus)
+            classifiers[cfg.id] = DeployedClassifier(handle, dumped, root, cfg.truncate)
         else:
             handle = Generator.options(**deployment_options(cfg, f"generate-{cfg.id}")).bind(
                 dumped, root, serving.num_cpus, serving.continuous_batching, serving.stream_interval_s,
@@ -118,7 +123,7 @@ def build(app_config: AppConfig, entries: dict[str, manifest.ManifestEntry]) -> 
     actor = {"num_cpus": cpus, **({"num_gpus": gpus} if gpus else {})}
     ingress = Ingress.options(num_replicas=server.ingress_replicas, max_ongoing_requests=server.max_ongoing_requests,
                               max_queued_requests=server.max_queued_requests, ray_actor_options=actor)
-    return ingress.bind(cards, server.model_dump(mode="json"), embedders, generators)
+    return ingress.bind(cards, server.model_dump(mode="json"), embedders, generators, classifiers)
 
 
 def graph(args: AppArgs) -> Application:

@@ -52,6 +52,22 @@ def tiny_bert_root(tiny_bert_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_scorers_root(tmp_path_factory) -> Path:
+    """A tiny random cross-encoder (task rerank, "tiny-rerank") and a 3-label classifier ("tiny-classify"), with
+    MiniLM's tokenizer and a 128-token limit, exported and committed once per session."""
+    from contract import manifest
+    from contract.config import ModelConfig
+    from export_jobs.job import export_one
+    from tests.tiny import make_tiny_classifier
+
+    src, root = tmp_path_factory.mktemp("tiny-scorers"), tmp_path_factory.mktemp("artifacts-scorers")
+    for model_id, task, labels in (("tiny-rerank", "rerank", 1), ("tiny-classify", "classify", 3)):
+        directory = make_tiny_classifier(src / model_id, labels, seed=labels)
+        manifest.commit(root, export_one(ModelConfig(id=model_id, source=str(directory), task=task), root))
+    return root
+
+
+@pytest.fixture(scope="session")
 def minilm_root(tmp_path_factory) -> Path:
     """The real all-MiniLM-L6-v2, exported (sentence mode) and committed once per session."""
     from contract import manifest

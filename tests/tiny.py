@@ -169,3 +169,23 @@ def deploy_minilm(root, app: str, serving: dict, server) -> None:
     config = AppConfig(project=ProjectConfig(artifacts=str(root), models=(model,)), server=server)
     serve.run(build(config, manifest.load(root)), name=app, route_prefix="/")
 
+
+
+def make_tiny_classifier(directory: Path, num_labels: int = 1, *, seed: int = 0, max_positions: int = 128) -> Path:
+    """A random 2-layer BertForSequenceClassification with the real MiniLM WordPiece tokenizer: one logit (a
+    cross-encoder, task rerank) or `num_labels` named labels (task classify)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from export_jobs.sources import resolve
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(resolve(MINILM).location, model_max_length=max_positions)
+    labels = {i: name for i, name in enumerate(["negative", "neutral", "positive", "other"][:num_labels])}
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=37, max_position_embeddings=max_positions,
+                        num_labels=num_labels, **({"id2label": labels, "label2id": {v: k for k, v in labels.items()}}
+                                                  if num_labels > 1 else {}))
+    BertForSequenceClassification(config).eval().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Protocol, Sequence
 
 import numpy as np
 
-from contract.errors import ModelNotFound
+from contract.errors import InvalidRequest, ModelNotFound
 
 
 class Item(Protocol):
@@ -67,30 +67,58 @@ class GenerationBackend(Protocol):
     def check(self) -> None: ...
 
 
+class ClassifierBackend(Protocol):
+    """A rerank or classify model: prepare (tokenize; pairs truncated longest_first or refused with
+    ``InputTooLong``), then ``logits`` float32 [len(items), labels]."""
+
+    task: str
+    labels: tuple[str, ...]
+
+    def prepare_pairs(self, query: str, documents: list[str]) -> Sequence[Item]: ...
+
+    def prepare_texts(self, texts: list[str]) -> Sequence[Item]: ...
+
+    async def logits(self, items: Sequence[Item]) -> np.ndarray: ...
+
+    async def ready(self) -> bool: ...
+
+    def check(self) -> None: ...
+
+
 @dataclass
 class Backends:
     """One backend per served model, by task."""
 
     embedders: dict[str, EmbeddingBackend] = field(default_factory=dict)
     generators: dict[str, GenerationBackend] = field(default_factory=dict)
+    classifiers: dict[str, ClassifierBackend] = field(default_factory=dict)  # task rerank or classify
 
     def embedding(self, model: str) -> EmbeddingBackend:
-        return _lookup(self.embedders, model, "embedding")
+        return self._lookup(self.embedders, model, "embedding")
 
     def generation(self, model: str) -> GenerationBackend:
-        return _lookup(self.generators, model, "generation")
+        return self._lookup(self.generators, model, "generation")
+
+    def classifier(self, model: str, task: str) -> ClassifierBackend:
+        """The rerank or classify model ``model``; a served model of another task is a 400 on ``model``."""
+        table = {k: v for k, v in self.classifiers.items() if v.task == task}
+        return self._lookup(table, model, task)
+
+    def _lookup(self, table: dict[str, Any], model: str, task: str):
+        if model in table:
+            return table[model]
+        # a reranker asked to embed, a classifier asked to rerank: 400. (Embeddings on a generation model and the
+        # reverse stay 404, as before these tasks came.)
+        if model in self.classifiers or (task in ("rerank", "classify") and model in {**self.embedders,
+                                                                                   **self.generators}):
+            raise InvalidRequest(f"model {model!r} is not a {task} model; {task} models: {sorted(table)}", "model")
+        raise ModelNotFound(f"model {model!r} is not a served {task} model; available: {sorted(table)}", "model")
 
     async def ready(self) -> dict[str, bool]:
-        backends = {**self.embedders, **self.generators}
+        backends = {**self.embedders, **self.generators, **self.classifiers}
         results = await asyncio.gather(*(backend.ready() for backend in backends.values()))
         return dict(zip(backends, results))
 
     def check(self) -> None:
-        for backend in (*self.embedders.values(), *self.generators.values()):
+        for backend in (*self.embedders.values(), *self.generators.values(), *self.classifiers.values()):
             backend.check()
-
-
-def _lookup(table: dict[str, Any], model: str, task: str):
-    if model not in table:
-        raise ModelNotFound(f"model {model!r} is not a served {task} model; available: {sorted(table)}", "model")
-    return table[model]

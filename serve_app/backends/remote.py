@@ -93,6 +93,35 @@ class RemoteEmbedding:
         """The embedder replica has its own health check."""
 
 
+class RemoteClassifier:
+    """A Classifier deployment (rerank or classify). The ingress tokenizes (``inference.classifier.PairPreparer``),
+    so an over-long pair refused by the model's settings gets its 400 before any hop; waiting requests leave as
+    one merged call per free slot, as ``RemoteEmbedding``'s do."""
+
+    def __init__(self, handle: DeploymentHandle, preparer, task: str, labels: tuple[str, ...], *, in_flight: int,
+                 timeout_s: float):
+        self.handle, self.preparer, self.task, self.labels, self.timeout_s = handle, preparer, task, labels, timeout_s
+        self.merger = GreedyBatcher(self._send, max_batch_size=None, max_in_flight=in_flight)
+
+    def prepare_pairs(self, query: str, documents: list[str]) -> Sequence[Item]:
+        return self.preparer.pairs(query, documents)
+
+    def prepare_texts(self, texts: list[str]) -> Sequence[Item]:
+        return self.preparer.prepare(texts)
+
+    async def logits(self, items: Sequence[Item]) -> np.ndarray:
+        return await self.merger.submit(items)
+
+    async def _send(self, requests: list[Sequence[Item]]) -> list[np.ndarray]:
+        return await send(lambda: asyncio.wait_for(self.handle.logits_many.remote(requests), self.timeout_s))
+
+    async def ready(self) -> bool:
+        return await _ping(self.handle)
+
+    def check(self) -> None:
+        """The classifier replica has its own health check."""
+
+
 class RemoteGeneration:
     """A Generator deployment: one call per request, which the Generator checks before it decodes. Until it
     answers, nothing has reached the client, so a call whose replica died is sent once more."""

@@ -68,6 +68,27 @@ class DeployedEmbedder:
 
 
 @dataclass(frozen=True)
+class DeployedClassifier:
+    """A Classifier deployment (task rerank or classify); the ingress tokenizes with the artifact's tokenizer."""
+
+    handle: Any
+    entry: dict[str, Any]
+    root: str
+    truncate: bool = True
+
+    def build(self, settings: ServerSettings, use_gpu: bool):
+        from inference.classifier import PairPreparer
+
+        from .remote import RemoteClassifier
+
+        entry = manifest.ManifestEntry.model_validate(self.entry)
+        manifest.verify(self.root, entry, only={entry.metadata.tokenizer})  # what passed the gate
+        return RemoteClassifier(self.handle, PairPreparer.from_entry(entry, self.root, self.truncate), entry.task,
+                                tuple(entry.metadata.labels), in_flight=settings.ingress_in_flight,
+                                timeout_s=settings.request_timeout_s)
+
+
+@dataclass(frozen=True)
 class DeployedGenerator:
     """A Generator deployment (``handle``); it checks each request against the model before decoding."""
 

@@ -10,7 +10,7 @@ from ray import serve
 from contract.settings import ServerSettings
 
 from ..backends.base import Backends
-from ..backends.specs import DeployedEmbedder, DeployedGenerator, InIngressEmbedder
+from ..backends.specs import DeployedClassifier, DeployedEmbedder, DeployedGenerator, InIngressEmbedder
 from ..http.routes import create_app
 from ..http.schemas import ModelCard
 
@@ -20,13 +20,14 @@ from ..http.schemas import ModelCard
 class Ingress:
     def __init__(self, cards: list[ModelCard], settings: dict[str, Any],
                  embedders: dict[str, DeployedEmbedder | InIngressEmbedder],
-                 generators: dict[str, DeployedGenerator]):
+                 generators: dict[str, DeployedGenerator], classifiers: dict[str, DeployedClassifier] | None = None):
         self.settings = ServerSettings.model_validate(settings)
         self.cards = cards
         use_gpu = bool(ray.get_gpu_ids())  # models held here (embed_in_ingress) get the replica's GPU share
         self.backends = Backends(
             embedders={model: spec.build(self.settings, use_gpu) for model, spec in embedders.items()},
-            generators={model: spec.build(self.settings, use_gpu) for model, spec in generators.items()})
+            generators={model: spec.build(self.settings, use_gpu) for model, spec in generators.items()},
+            classifiers={model: spec.build(self.settings, use_gpu) for model, spec in (classifiers or {}).items()})
 
     def __serve_build_asgi_app__(self):
         return create_app(self.backends, self.cards, self.settings)

@@ -38,6 +38,23 @@ def embeddings(model: str, vectors: np.ndarray, tokens: int, fmt: str) -> Vector
                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 
+def rerank(request, scores: np.ndarray, tokens: int) -> dict[str, Any]:
+    """Results sorted by score, highest first (ties: lower index first), cut at top_n."""
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))[: request.top_n or len(scores)]
+    results = [{"index": i, "relevance_score": float(scores[i]),
+                **({"document": {"text": request.documents[i]}} if request.return_documents else {})}
+               for i in order]
+    return {"id": new_id("rerank"), "model": request.model, "results": results,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def classify(model: str, labels: tuple[str, ...], probs: np.ndarray, tokens: int) -> dict[str, Any]:
+    data = [{"index": i, "label": labels[int(np.argmax(row))], "probs": [float(p) for p in row],
+             "num_classes": len(labels)} for i, row in enumerate(probs)]
+    return {"id": new_id("classify"), "object": "list", "created": int(time.time()), "model": model,
+            "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from contract.errors import NotReady, RequestTimeout
 from contract.settings import ServerSettings
+from inference.classifier import sigmoid, softmax
 
 from ..backends.base import Backends, GenerationCall
 from . import errors, openai_format, validate
@@ -23,12 +24,16 @@ from .guards import GuardMiddleware
 from .openai_format import VectorsResponse
 from .schemas import (
     ChatCompletionRequest,
+    ClassifyRequest,
+    ClassifyResponse,
     CompletionRequest,
     EmbeddingRequest,
     EmbeddingResponse,
     Health,
     ModelCard,
     ModelList,
+    RerankRequest,
+    RerankResponse,
 )
 
 INLINE_TOKENIZE_CHARS = 16_384  # larger requests are prepared in a worker thread, off the event loop
@@ -78,6 +83,30 @@ async def embeddings(request: EmbeddingRequest, served: ServedHere) -> VectorsRe
     vectors = await _within(served.settings.request_timeout_s, backend.embed(items))
     return openai_format.embeddings(request.model, vectors, sum(item.tokens for item in items),
                                     request.encoding_format)
+
+
+@router.post("/v1/rerank", response_model=RerankResponse, response_model_exclude_none=True)
+async def rerank(request: RerankRequest, served: ServedHere) -> dict:
+    """Documents by relevance to the query, highest first (Cohere's and Jina's shape): sigmoid of the
+    cross-encoder's logit, as sentence-transformers' CrossEncoder.predict returns it."""
+    backend = served.backends.classifier(request.model, "rerank")
+    query, documents = validate.rerank(request, served.settings)
+    big = len(query) * len(documents) + sum(map(len, documents)) > INLINE_TOKENIZE_CHARS
+    prepare = backend.prepare_pairs
+    items = await asyncio.to_thread(prepare, query, documents) if big else prepare(query, documents)
+    logits = await _within(served.settings.request_timeout_s, backend.logits(items))
+    return openai_format.rerank(request, sigmoid(logits[:, 0]), sum(item.tokens for item in items))
+
+
+@router.post("/v1/classify", response_model=ClassifyResponse)
+async def classify(request: ClassifyRequest, served: ServedHere) -> dict:
+    """Softmax probabilities in label order and the arg-max label (vLLM's shape)."""
+    backend = served.backends.classifier(request.model, "classify")
+    texts = validate.classify(request, served.settings)
+    big = sum(map(len, texts)) > INLINE_TOKENIZE_CHARS
+    items = await asyncio.to_thread(backend.prepare_texts, texts) if big else backend.prepare_texts(texts)
+    logits = await _within(served.settings.request_timeout_s, backend.logits(items))
+    return openai_format.classify(request.model, backend.labels, softmax(logits), sum(i.tokens for i in items))
 
 
 @router.post("/v1/completions", responses={200: {"description": "text_completion, or SSE chunks if stream"}})

@@ -1,4 +1,5 @@
-"""HTTP request/response models, OpenAI-shaped (embeddings, models, completions)."""
+"""HTTP request/response models, OpenAI-shaped (embeddings, models, completions); rerank in Cohere's and Jina's
+shape, classify in vLLM's."""
 from __future__ import annotations
 
 from typing import Literal
@@ -40,6 +41,60 @@ class EmbeddingResponse(BaseModel):
     usage: Usage
 
 
+class RerankRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr = Field(min_length=1, max_length=128)
+    query: StrictStr
+    documents: list[StrictStr]
+    top_n: int | None = Field(None, ge=1, description="Return the top_n best documents; all if not given.")
+    return_documents: bool = False
+
+
+class RerankDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: RerankDocument | None = None
+
+
+class RerankResponse(BaseModel):
+    id: str
+    model: str
+    results: list[RerankResult]
+    usage: Usage
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr = Field(min_length=1, max_length=128)
+    input: StrictStr | list[StrictStr] = Field(description="One text or a list of texts.")
+    user: StrictStr | None = Field(None, max_length=256)
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class ClassifyData(BaseModel):
+    index: int
+    label: str
+    probs: list[float]
+    num_classes: int
+
+
+class ClassifyResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[ClassifyData]
+    usage: Usage
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -50,13 +105,18 @@ class ModelCard(BaseModel):
     max_length: int | None = None
     family: str
     parity_max_abs_diff: float
+    labels: list[str] | None = None  # rerank and classify models: their labels (rerank: ["score"])
+    parity_score_max_abs_diff: float | None = None  # rerank and classify: on sigmoid / softmax
 
 
 def model_card(entry: ManifestEntry) -> ModelCard:
     """A served model as /v1/models lists it, from its manifest entry."""
+    labels = list(entry.metadata.labels) if entry.metadata.kind == "classifier" else None
+    score_diff = entry.parity.details.get("score_max_abs_diff")
     return ModelCard(id=entry.id, created=int(entry.created_at), task=entry.task, dim=entry.dim,
-                     max_length=entry.max_length, family=entry.family,
-                     parity_max_abs_diff=entry.parity.max_abs_diff)
+                     max_length=entry.max_length, family=entry.family, labels=labels,
+                     parity_max_abs_diff=entry.parity.max_abs_diff,
+                     parity_score_max_abs_diff=None if score_diff is None else float(score_diff))
 
 
 class ModelList(BaseModel):

@@ -11,7 +11,14 @@ from contract.errors import InvalidRequest
 from contract.settings import ServerSettings
 
 from ..backends.base import GenerationCall
-from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelCard
+from .schemas import (
+    ChatCompletionRequest,
+    ClassifyRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ModelCard,
+    RerankRequest,
+)
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 
@@ -39,6 +46,16 @@ def embedding(request: EmbeddingRequest, card: ModelCard, settings: ServerSettin
     if request.dimensions is not None and request.dimensions != card.dim:
         raise InvalidRequest(f"dimensions must be {card.dim} for {request.model}", "dimensions")
     return inputs
+
+
+def rerank(request: RerankRequest, settings: ServerSettings) -> tuple[str, list[str]]:
+    """The query and the documents: at most ``max_inputs_per_request`` documents, none empty."""
+    texts([request.query], "query", settings)
+    return request.query, texts(request.documents, "documents", settings)
+
+
+def classify(request: ClassifyRequest, settings: ServerSettings) -> list[str]:
+    return texts(request.texts(), "input", settings)
 
 
 def completion(request: CompletionRequest, settings: ServerSettings) -> GenerationCall:
