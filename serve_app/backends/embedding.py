@@ -35,11 +35,12 @@ class EmbeddingModel:
         if parsed.input_kind == "text":  # tokenizer inside the graph (TensorFlow string ops)
             from inference.string_encoder import TextInputEncoder
 
-            self.session = TextInputEncoder(parsed.model_path(root), providers(use_gpu), threads)
+            self.session = TextInputEncoder(parsed.model_path(root), providers(use_gpu), threads, parsed.id)
         else:
             self.session = EncoderSession(parsed, root, truncate=truncate, use_gpu=use_gpu, threads=threads,
                                           cuda_graphs=cuda_graphs, gemm_auto_tune=gemm_auto_tune)
         self.model_id = parsed.id
+        self.preparer = self.session.preparer  # prepare, prepare_ids, tokenize, detokenize (in this process)
         self.max_rows = MAX_ROWS_PER_RUN
         # an item is a group of requests (one request, or part of an ingress's merged call): weight = requests
         self.batcher = GreedyBatcher(self._run_batch, max_batch_size=32, weight=len)
@@ -58,7 +59,7 @@ class EmbeddingModel:
 
     def prepare(self, texts: list[str]) -> list[Any]:
         """Tokenize and check (raises InputTooLong); string-input graphs take the texts as they are."""
-        return self.session.prepare(texts)
+        return self.preparer.prepare(texts)
 
     async def embed(self, items: Request) -> np.ndarray:
         """One prepared request."""

@@ -14,7 +14,7 @@ from typing import Annotated, Awaitable, TypeVar
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from contract.errors import NotReady, RequestTimeout
+from contract.errors import ModelNotFound, NotReady, RequestTimeout
 from contract.settings import ServerSettings
 
 from ..backends.base import Backends, GenerationCall
@@ -24,11 +24,15 @@ from .openai_format import VectorsResponse
 from .schemas import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     EmbeddingRequest,
     EmbeddingResponse,
     Health,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 
 INLINE_TOKENIZE_CHARS = 16_384  # larger requests are prepared in a worker thread, off the event loop
@@ -71,10 +75,12 @@ async def _within(seconds: float, work: Awaitable[T]) -> T:
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse)
 async def embeddings(request: EmbeddingRequest, served: ServedHere) -> VectorsResponse:
-    backend = served.backends.embedding(request.model)
-    texts = validate.embedding(request, served.cards[request.model], served.settings)
-    big = sum(map(len, texts)) > INLINE_TOKENIZE_CHARS  # the event loop serves every request of this replica
-    items = await asyncio.to_thread(backend.prepare, texts) if big else backend.prepare(texts)
+    backend, card = served.backends.embedding(request.model), served.cards[request.model]
+    inputs = validate.embedding(request, card, served.settings)
+    limit = validate.truncation(request.truncate_prompt_tokens, card.max_length)
+    prepare = backend.preparer.prepare if isinstance(inputs[0], str) else backend.preparer.prepare_ids
+    big = sum(map(len, inputs)) > INLINE_TOKENIZE_CHARS  # the event loop serves every request of this replica
+    items = await asyncio.to_thread(prepare, inputs, limit) if big else prepare(inputs, limit)
     vectors = await _within(served.settings.request_timeout_s, backend.embed(items))
     return openai_format.embeddings(request.model, vectors, sum(item.tokens for item in items),
                                     request.encoding_format)
@@ -103,9 +109,33 @@ async def _generate(served: Served, request: CompletionRequest | ChatCompletionR
     return JSONResponse(openai_format.completion(request.model, result, chat))
 
 
+@router.post("/tokenize", response_model=TokenizeResponse)
+async def tokenize(request: TokenizeRequest, served: ServedHere) -> TokenizeResponse:
+    """vLLM's /tokenize: the ids a prompt (or chat messages, through the template) runs as, special tokens
+    included; they can be sent back as /v1/embeddings ``input`` or /v1/completions ``prompt``."""
+    tokens = served.backends.tokens(request.model)
+    ids = tokens.tokenize(*validate.tokenize(request, served.settings))
+    return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=tokens.max_length)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse)
+async def detokenize(request: DetokenizeRequest, served: ServedHere) -> DetokenizeResponse:
+    tokens = served.backends.tokens(request.model)
+    ids = validate.token_lists([request.tokens], "tokens", served.settings)[0]
+    return DetokenizeResponse(prompt=tokens.detokenize(ids))
+
+
 @router.get("/v1/models", response_model=ModelList)
 async def models(served: ServedHere) -> ModelList:
     return ModelList(data=list(served.cards.values()))
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses={404: {"description": "unknown id"}})
+async def model(model_id: str, served: ServedHere) -> ModelCard:
+    """One model, as /v1/models lists it (models.retrieve)."""
+    if model_id not in served.cards:
+        raise ModelNotFound(f"model {model_id!r} is not served here; available: {sorted(served.cards)}", "model")
+    return served.cards[model_id]
 
 
 @router.get("/health", response_model=Health)
