@@ -45,6 +45,7 @@ class EmbeddingModel:
         # an item is a group of requests (one request, or part of an ingress's merged call): weight = requests
         self.batcher = GreedyBatcher(self._run_batch, max_batch_size=32, weight=len)
         self.sizes: collections.deque[int] = collections.deque(maxlen=10_000)  # requests per run
+        self.metrics = None  # serve_app.http.metrics.Metrics: the deployment or ingress that holds this model sets it
 
     def configure(self, user_config: dict[str, Any]) -> None:
         """Batch settings (``user_config``: ``Embedder.reconfigure`` applies them at run time)."""
@@ -78,6 +79,8 @@ class EmbeddingModel:
         """Returns, per group, one array of vectors per request."""
         requests = [request for group in groups for request in group]
         self.sizes.append(len(requests))
+        if self.metrics is not None:
+            self.metrics.batch(self.model_id, len(requests))
         rows = [item for request in requests for item in request]
         if len(requests) == 1 and self.session.quick(rows):
             # A lone request (nothing else was queued) on a small captured graph: a sub-millisecond replay costs less
