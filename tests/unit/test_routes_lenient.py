@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.unit.conftest import EMBED, GEN
@@ -125,3 +126,29 @@ def test_the_openai_client_retrieves_and_lists_models(app):
     model, listed, missing = asyncio.run(retrieve())
     assert model.id == EMBED and model.object == "model" and listed == [EMBED, GEN]
     assert missing.status_code == 404 and missing.body["code"] == "model_not_found"
+
+
+# ----------------------------------------------------------------------------- LangChain, as the README shows it
+
+
+def test_langchain_embeddings_and_chat_work_as_the_readme_says(app):
+    """OpenAIEmbeddings with check_embedding_ctx_length=False sends texts (its default would tokenize with
+    tiktoken, a download, and send cl100k ids); ChatOpenAI sends what it sends by default."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+
+    def client():
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://onnx-serve/v1")
+
+    texts = ["The capital of France is Paris.", "ok"]
+    embeddings = langchain_openai.OpenAIEmbeddings(model=EMBED, base_url="http://onnx-serve/v1", api_key="unused",
+                                                   check_embedding_ctx_length=False, http_async_client=client())
+    chat = langchain_openai.ChatOpenAI(model=GEN, base_url="http://onnx-serve/v1", api_key="unused", max_tokens=4,
+                                       temperature=0, http_async_client=client())
+
+    async def main():
+        return await embeddings.aembed_documents(texts), await chat.ainvoke([("system", "Be brief."), ("human", "Hi")])
+
+    vectors, reply = asyncio.run(main())
+    direct = send(app, "POST", "/v1/embeddings", json={"model": EMBED, "input": texts}).json()["data"]
+    np.testing.assert_allclose(vectors, [d["embedding"] for d in direct], atol=1e-6)
+    assert isinstance(reply.content, str) and reply.response_metadata["finish_reason"] == "length"
