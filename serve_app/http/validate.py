@@ -11,7 +11,13 @@ from contract.errors import InvalidRequest
 from contract.settings import ServerSettings
 
 from ..backends.base import GenerationCall
-from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelCard, TokenizeRequest
+from .schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ModelCard,
+    TokenizeRequest,
+)
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 # Fields that would change the output and are not implemented, with the values that change nothing.

@@ -13,8 +13,7 @@ import pytest
 
 from contract.settings import ServerSettings
 from serve_app.http.routes import INLINE_TOKENIZE_CHARS, create_app
-
-from tests.unit.conftest import EMBED, GEN  # 32-d vectors, 64 tokens; a 128-token context
+from tests.unit.conftest import EMBED, GEN
 
 SETTINGS = ServerSettings(max_inputs_per_request=64, max_input_chars=5000, max_body_bytes=200_000,
                           max_tokens_limit=4000)

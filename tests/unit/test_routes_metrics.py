@@ -35,15 +35,17 @@ def test_requests_tokens_latency_and_batches_are_counted(measured):
     r = send(measured, "GET", "/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text
     got = _samples(r.text)
-    route = 'onnx_serve_requests_total{model="%s",route="%s",status="%s"}'
-    assert got[route % (EMBED, "/v1/embeddings", 200)] == 1
-    assert got[route % (EMBED, "/v1/embeddings", 400)] == 1
-    assert got[route % ("nope", "/v1/embeddings", 404)] == 1
-    assert got[route % (GEN, "/v1/completions", 200)] == 2
-    assert got['onnx_serve_request_seconds_count{model="%s",route="/v1/completions"}' % GEN] == 2
-    tokens = 'onnx_serve_tokens_total{kind="%s",model="%s"}'
-    assert got[tokens % ("prompt", EMBED)] == ok.json()["usage"]["prompt_tokens"]
-    assert got[tokens % ("prompt", GEN)] == 2 * whole["usage"]["prompt_tokens"]
-    assert got[tokens % ("completion", GEN)] == 2 * 5
-    assert got['onnx_serve_batch_requests_count{model="%s"}' % EMBED] == 1
-    assert got['onnx_serve_batch_requests_sum{model="%s"}' % EMBED] == 1  # one request, two texts
+    def requests(model, route, status):
+        return got[f'onnx_serve_requests_total{{model="{model}",route="{route}",status="{status}"}}']
+
+    def tokens(kind, model):
+        return got[f'onnx_serve_tokens_total{{kind="{kind}",model="{model}"}}']
+
+    assert requests(EMBED, "/v1/embeddings", 200) == requests(EMBED, "/v1/embeddings", 400) == 1
+    assert requests("nope", "/v1/embeddings", 404) == 1 and requests(GEN, "/v1/completions", 200) == 2
+    assert got[f'onnx_serve_request_seconds_count{{model="{GEN}",route="/v1/completions"}}'] == 2
+    assert tokens("prompt", EMBED) == ok.json()["usage"]["prompt_tokens"]
+    assert tokens("prompt", GEN) == 2 * whole["usage"]["prompt_tokens"]
+    assert tokens("completion", GEN) == 2 * 5
+    assert got[f'onnx_serve_batch_requests_count{{model="{EMBED}"}}'] == 1
+    assert got[f'onnx_serve_batch_requests_sum{{model="{EMBED}"}}'] == 1  # one request, two texts
