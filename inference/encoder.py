@@ -12,11 +12,12 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from contract.errors import InputTooLong
+from contract.errors import InputTooLong, InvalidRequest
 from contract.manifest import ManifestEntry
 
 from .cuda_buckets import BucketedEncoder
 from .ort import providers, session_options
+from .tokens import check_ids, detokenize, special_ids, where
 
 logger = logging.getLogger("serve_app")
 
@@ -57,21 +58,44 @@ class TextPreparer:
     def __init__(self, entry: ManifestEntry, root: str | Path, *, truncate: bool = False):
         self.model_id, self.max_length, self.truncate = entry.id, entry.max_length, truncate
         self.tokenizer = load_tokenizer(entry, root)
+        self.special = special_ids(self.tokenizer)
 
-    def prepare(self, texts: list[str]) -> list[Prepared]:
-        """Tokenize; refuse (or truncate, if configured) texts over the model's token limit."""
-        out = []
-        for index, enc in enumerate(self.tokenizer.encode_batch(texts)):
-            ids, type_ids = np.asarray(enc.ids, np.int64), np.asarray(enc.type_ids, np.int64)
-            if self.max_length and len(ids) > self.max_length:
-                if not self.truncate:
-                    where = f"input[{index}]" if len(texts) > 1 else "input"
-                    raise InputTooLong(f"{where} has {len(ids)} tokens; {self.model_id} accepts at most "
-                                       f"{self.max_length}", param=where)
-                keep = self.max_length - 1  # keep the closing special token ([SEP] / </s>)
-                ids, type_ids = np.append(ids[:keep], ids[-1]), type_ids[: self.max_length]
-            out.append(Prepared(ids, type_ids))
-        return out
+    def prepare(self, texts: list[str], limit: int | None = None) -> list[Prepared]:
+        """Tokenize; refuse (or truncate, if configured) texts over the model's token limit. ``limit``: truncate
+        each text to at most that many tokens instead (a request's ``truncate_prompt_tokens``)."""
+        encoded = self.tokenizer.encode_batch(texts)
+        return [self._fit(enc.ids, enc.type_ids, where("input", i, len(texts)), limit) for i, enc in enumerate(encoded)]
+
+    def prepare_ids(self, lists: list[list[int]], limit: int | None = None) -> list[Prepared]:
+        """The model's own token ids (special tokens included, as /tokenize returns them), checked against the
+        vocabulary, then the same length rule as text."""
+        for i, ids in enumerate(lists):
+            check_ids(ids, self.tokenizer, self.model_id, where("input", i, len(lists)))
+        return [self._fit(ids, [0] * len(ids), where("input", i, len(lists)), limit) for i, ids in enumerate(lists)]
+
+    def _fit(self, ids: list[int], type_ids: list[int], at: str, limit: int | None) -> Prepared:
+        ids, type_ids = np.asarray(ids, np.int64), np.asarray(type_ids, np.int64)
+        if limit is None and self.max_length and len(ids) > self.max_length:
+            if not self.truncate:
+                raise InputTooLong(f"{at} has {len(ids)} tokens; {self.model_id} accepts at most "
+                                   f"{self.max_length}", param=at)
+            limit = self.max_length
+        if limit is not None and len(ids) > limit:
+            if int(ids[-1]) in self.special:  # keep the closing special token ([SEP] / </s>)
+                ids = np.append(ids[: limit - 1], ids[-1])
+            else:
+                ids = ids[:limit]
+            type_ids = type_ids[:limit]
+        return Prepared(ids, type_ids)
+
+    def tokenize(self, prompt: str | None = None, messages: list | None = None) -> list[int]:
+        """/tokenize: the ids a text embeds with (special tokens included, before any truncation)."""
+        if messages is not None:
+            raise InvalidRequest(f"{self.model_id} is an embedding model: send prompt, not messages", "messages")
+        return list(self.tokenizer.encode(prompt or "").ids)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return detokenize(self.tokenizer, ids, self.model_id)
 
 
 class EncoderSession:

@@ -16,6 +16,8 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
+from contract.errors import InvalidRequest
+
 
 def extensions_library_path() -> str:
     """Path of the onnxruntime-extensions custom-op library.
@@ -84,12 +86,42 @@ def text_items(texts: Sequence[str]) -> list[TextItem]:
     return [TextItem(t) for t in texts]
 
 
+class TextOnly:
+    """The prepare step of a string-input graph (``TextPreparer``'s interface): its tokenizer is inside the
+    graph, so token ids, truncation and /tokenize are refused with a 400 that says so."""
+
+    max_length = None
+
+    def __init__(self, model_id: str):
+        self.model_id = model_id
+
+    def _refuse(self, what: str, param: str):
+        raise InvalidRequest(f"{self.model_id} takes text only: its graph tokenizes the text itself, so {what} "
+                             "is not available for it", param)
+
+    def prepare(self, texts: Sequence[str], limit: int | None = None) -> list[TextItem]:
+        if limit is not None:
+            self._refuse("truncate_prompt_tokens", "truncate_prompt_tokens")
+        return text_items(texts)
+
+    def prepare_ids(self, lists, limit: int | None = None):
+        self._refuse("token ids as input", "input")
+
+    def tokenize(self, prompt=None, messages=None):
+        self._refuse("/tokenize", "model")
+
+    def detokenize(self, ids):
+        self._refuse("/detokenize", "model")
+
+
 class TextInputEncoder:
     """The embedder's interface (prepare / run_sorted) over a string-input graph."""
 
-    def __init__(self, onnx_path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int = 0):
+    def __init__(self, onnx_path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int = 0,
+                 model_id: str = "this model"):
         self.impl = StringEncoderSession(onnx_path, providers, threads)
         self.dim, self.max_length, self.session = self.impl.dim, None, self.impl.session
+        self.preparer = TextOnly(model_id)
 
     def prepare(self, texts: Sequence[str]) -> list[TextItem]:
         return text_items(texts)

@@ -13,14 +13,13 @@ from typing import Iterator, TypeVar
 from contract.errors import InputTooLong, InvalidRequest
 from contract.manifest import ManifestEntry, StaticDecoderMeta
 
-from .chat import ChatTemplate
 from .continuous import CONTINUOUS_SLOTS, ContinuousBatcher
 from .decode_dynamic import DecoderSession, generate
 from .decode_static import StaticDecoderSession, generate_static
 from .detokenize import IncrementalDecoder, StopStringMatcher
-from .encoder import load_tokenizer
 from .ort import providers, session_options
 from .sampling import SamplingParams
+from .tokens import Prompt, PromptTokenizer
 
 T = TypeVar("T")
 STATIC_MAX_BATCH = 32  # prompts per request on the static-cache graph (one KV buffer per batch bucket)
@@ -54,7 +53,6 @@ class TextGenerator:
         self.stream_interval_s = stream_interval_s
         self.decode_steps = 0  # steps all requests have read: shows that a cancelled stream stops
         self._count_lock = threading.Lock()
-        directory = entry.dir_path(root)
         meta = entry.metadata
         self.model_id, self.context = entry.id, int(entry.max_length or 2048)
         self.batcher = None
@@ -73,25 +71,28 @@ class TextGenerator:
             self.session = DecoderSession(entry.model_path(root), meta.decoder, providers=eps,
                                           session_options=options)
             self._generate = generate
-        self.tokenizer = load_tokenizer(entry, root)
+        self.tokens = PromptTokenizer(entry, root)
+        self.tokens.max_length = self.context  # what /tokenize reports: a continuous batcher's rows may be shorter
+        self.tokenizer = self.tokens.tokenizer
         self.pad_id = meta.pad_token_id
-        self.add_special_tokens = meta.add_special_tokens
-        self.chat = ChatTemplate.from_tokenizer_dir((directory / meta.tokenizer).parent)
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
-        if self.chat is None:
-            raise InvalidRequest(f"{self.model_id} has no chat template; use /v1/completions", "model")
-        return self.chat.render(messages)
+        return self.tokens.render_chat(messages)
 
-    def prepare(self, prompts: list[str], *, max_tokens: int, temperature: float, top_p: float, top_k: int,
-                seed: int | None, stop: list[str], add_special_tokens: bool | None = None) -> Prepared:
-        """Tokenize and check against the model (batch size, context) before any decoding starts. The caller has
-        checked the request itself first (at least one prompt, non-empty stop strings, its max_tokens limit)."""
+    def prepare(self, prompts: list[Prompt], *, max_tokens: int, temperature: float, top_p: float, top_k: int,
+                seed: int | None, stop: list[str], add_special_tokens: bool | None = None,
+                truncate: int | None = None) -> Prepared:
+        """Tokenize (or check the ids of) and check against the model (batch size, context) before any decoding
+        starts. The caller has checked the request itself first (at least one prompt, non-empty stop strings, its
+        max_tokens limit). ``truncate``: keep the first that many tokens of each prompt (-1: as many as fit the
+        context with ``max_tokens``)."""
         if isinstance(self.session, StaticDecoderSession) and len(prompts) > self.session.max_batch:
             raise InvalidRequest(f"{self.model_id} decodes at most {self.session.max_batch} prompts per request, "
                                  f"got {len(prompts)}", "prompt")
-        special = self.add_special_tokens if add_special_tokens is None else add_special_tokens
-        encoded = [tuple(e.ids) for e in self.tokenizer.encode_batch(prompts, add_special_tokens=special)]
+        encoded = self.tokens.encode(prompts, add_special_tokens)
+        if truncate is not None:
+            keep = self.context - max_tokens if truncate == -1 else truncate
+            encoded = [ids[: max(keep, 1)] for ids in encoded]
         for i, ids in enumerate(encoded):
             where = f"prompt[{i}]" if len(prompts) > 1 else "prompt"
             if not ids:

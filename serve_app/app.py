@@ -119,7 +119,7 @@ def build(app_config: AppConfig, entries: dict[str, manifest.ManifestEntry]) -> 
             handle = Generator.options(**deployment_options(cfg, f"generate-{cfg.id}")).bind(
                 dumped, root, serving.num_cpus, serving.continuous_batching, serving.stream_interval_s,
                 serving.gemm_auto_tune)
-            generators[cfg.id] = DeployedGenerator(handle)
+            generators[cfg.id] = DeployedGenerator(handle, dumped, root)
     actor = {"num_cpus": cpus, **({"num_gpus": gpus} if gpus else {})}
     ingress = Ingress.options(num_replicas=server.ingress_replicas, max_ongoing_requests=server.max_ongoing_requests,
                               max_queued_requests=server.max_queued_requests, ray_actor_options=actor)

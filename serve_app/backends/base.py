@@ -27,9 +27,29 @@ class Item(Protocol):
     def tokens(self) -> int: ...
 
 
+class Tokens(Protocol):
+    """A model's tokenizer as /tokenize and /detokenize use it (``inference.encoder.TextPreparer``,
+    ``inference.tokens.PromptTokenizer``, ``inference.string_encoder.TextOnly``, which refuses)."""
+
+    max_length: int | None
+
+    def tokenize(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None) -> list[int]: ...
+
+    def detokenize(self, ids: list[int]) -> str: ...
+
+
+class Preparer(Tokens, Protocol):
+    """An embedding model's prepare step: tokenize and check (no I/O, may be slow for long texts). Raises
+    ``InputTooLong``, or ``InvalidRequest`` for an id outside the vocabulary. ``limit``: truncate each input to at
+    most that many tokens (a request's ``truncate_prompt_tokens``) instead of the model's configured rule."""
+
+    def prepare(self, texts: list[str], limit: int | None = None) -> Sequence[Item]: ...
+
+    def prepare_ids(self, lists: list[list[int]], limit: int | None = None) -> Sequence[Item]: ...
+
+
 class EmbeddingBackend(Protocol):
-    def prepare(self, texts: list[str]) -> Sequence[Item]:
-        """Tokenize and check (no I/O, may be slow for long texts); raises ``InputTooLong``."""
+    preparer: Preparer  # runs in the caller's process (the ingress)
 
     async def embed(self, items: Sequence[Item]) -> np.ndarray:
         """float32 [len(items), dim]."""
@@ -44,7 +64,7 @@ class EmbeddingBackend(Protocol):
 class GenerationCall:
     """A completion or chat request, checked against the server's limits (serve_app.http.validate)."""
 
-    prompts: tuple[str, ...] | None  # completions
+    prompts: tuple[str | tuple[int, ...], ...] | None  # completions: texts, or the model's token ids
     messages: tuple[dict[str, str], ...] | None  # chat: rendered by the model's template
     max_tokens: int
     temperature: float = 1.0
@@ -52,9 +72,12 @@ class GenerationCall:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    truncate: int | None = None  # truncate_prompt_tokens: keep that many prompt tokens (-1: what fits the context)
 
 
 class GenerationBackend(Protocol):
+    tokens: Tokens  # the model's tokenizer and chat template, in the caller's process
+
     async def stream(self, call: GenerationCall) -> tuple[int, AsyncIterator[list[Any]]]:
         """Once the request is checked: its prompt token count and the text items (lists of
         ``inference.textgen.Delta``). A bad request raises here, before any decoding."""
@@ -113,6 +136,15 @@ class Backends:
                                                                                    **self.generators}):
             raise InvalidRequest(f"model {model!r} is not a {task} model; {task} models: {sorted(table)}", "model")
         raise ModelNotFound(f"model {model!r} is not a served {task} model; available: {sorted(table)}", "model")
+
+    def tokens(self, model: str) -> Tokens:
+        """The tokenizer of any served model (/tokenize, /detokenize)."""
+        if model in self.embedders:
+            return self.embedders[model].preparer
+        if model in self.generators:
+            return self.generators[model].tokens
+        served = sorted({**self.embedders, **self.generators})
+        raise ModelNotFound(f"model {model!r} is not served here; available: {served}", "model")
 
     async def ready(self) -> dict[str, bool]:
         backends = {**self.embedders, **self.generators, **self.classifiers}

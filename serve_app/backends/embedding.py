@@ -35,15 +35,17 @@ class EmbeddingModel:
         if parsed.input_kind == "text":  # tokenizer inside the graph (TensorFlow string ops)
             from inference.string_encoder import TextInputEncoder
 
-            self.session = TextInputEncoder(parsed.model_path(root), providers(use_gpu), threads)
+            self.session = TextInputEncoder(parsed.model_path(root), providers(use_gpu), threads, parsed.id)
         else:
             self.session = EncoderSession(parsed, root, truncate=truncate, use_gpu=use_gpu, threads=threads,
                                           cuda_graphs=cuda_graphs, gemm_auto_tune=gemm_auto_tune)
         self.model_id = parsed.id
+        self.preparer = self.session.preparer  # prepare, prepare_ids, tokenize, detokenize (in this process)
         self.max_rows = MAX_ROWS_PER_RUN
         # an item is a group of requests (one request, or part of an ingress's merged call): weight = requests
         self.batcher = GreedyBatcher(self._run_batch, max_batch_size=32, weight=len)
         self.sizes: collections.deque[int] = collections.deque(maxlen=10_000)  # requests per run
+        self.metrics = None  # serve_app.http.metrics.Metrics: the deployment or ingress that holds this model sets it
 
     def configure(self, user_config: dict[str, Any]) -> None:
         """Batch settings (``user_config``: ``Embedder.reconfigure`` applies them at run time)."""
@@ -58,7 +60,7 @@ class EmbeddingModel:
 
     def prepare(self, texts: list[str]) -> list[Any]:
         """Tokenize and check (raises InputTooLong); string-input graphs take the texts as they are."""
-        return self.session.prepare(texts)
+        return self.preparer.prepare(texts)
 
     async def embed(self, items: Request) -> np.ndarray:
         """One prepared request."""
@@ -77,6 +79,8 @@ class EmbeddingModel:
         """Returns, per group, one array of vectors per request."""
         requests = [request for group in groups for request in group]
         self.sizes.append(len(requests))
+        if self.metrics is not None:
+            self.metrics.batch(self.model_id, len(requests))
         rows = [item for request in requests for item in request]
         if len(requests) == 1 and self.session.quick(rows):
             # A lone request (nothing else was queued) on a small captured graph: a sub-millisecond replay costs less

@@ -34,6 +34,7 @@ class GenerationModel:
         self._steps_pool = concurrent.futures.ThreadPoolExecutor(
             batcher.rows + 4 if batcher is not None else None, thread_name_prefix="stream")
         self.active_streams = 0
+        self.tokens = self.runtime.tokens
 
     def prepare(self, call: GenerationCall) -> Prepared:
         """Check a request against the model (raises a 4xx-mapped error) before any decoding starts."""
@@ -43,7 +44,7 @@ class GenerationModel:
             special = False  # the template already holds BOS
         return self.runtime.prepare(prompts, max_tokens=call.max_tokens, temperature=call.temperature,
                                     top_p=call.top_p, top_k=call.top_k, seed=call.seed, stop=list(call.stop),
-                                    add_special_tokens=special)
+                                    add_special_tokens=special, truncate=call.truncate)
 
     async def stream(self, call: GenerationCall) -> tuple[int, AsyncIterator[list[Delta]]]:
         prepared = self.prepare(call)

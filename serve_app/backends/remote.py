@@ -18,7 +18,7 @@ from ray.serve.handle import DeploymentHandle
 from contract.errors import Overloaded, ServeError
 
 from ..batching import GreedyBatcher
-from .base import GenerationCall, Item
+from .base import GenerationCall, Item, Preparer, Tokens
 
 T = TypeVar("T")
 
@@ -62,7 +62,7 @@ async def _ping(handle: DeploymentHandle) -> bool:
 
 
 class RemoteEmbedding:
-    """An Embedder deployment. ``prepare`` runs here, in the ingress (``TextPreparer`` for token-input graphs,
+    """An Embedder deployment. ``preparer`` runs here, in the ingress (``TextPreparer`` for token-input graphs,
     ``string_encoder.text_items`` for string-input ones), so an over-long text gets its 400 before any hop and
     the embedder replica, one per GPU share, spends its CPU on batches.
 
@@ -72,9 +72,9 @@ class RemoteEmbedding:
     (``max_batch_size: 1``) each request is its own call, so Serve's queue limits refuse load per request.
     ``timeout_s`` bounds a merged call, which holds a slot for many requests."""
 
-    def __init__(self, handle: DeploymentHandle, prepare: Callable[[list[str]], Sequence[Item]], *,
-                 merge: bool, in_flight: int, timeout_s: float):
-        self.handle, self.prepare, self.timeout_s = handle, prepare, timeout_s
+    def __init__(self, handle: DeploymentHandle, preparer: Preparer, *, merge: bool, in_flight: int,
+                 timeout_s: float):
+        self.handle, self.preparer, self.timeout_s = handle, preparer, timeout_s
         self.merger = GreedyBatcher(self._send, max_batch_size=None, max_in_flight=in_flight) if merge else None
         self.embed = self.merger.submit if merge else self._alone  # chosen once, with the model's settings
 
@@ -126,8 +126,8 @@ class RemoteGeneration:
     """A Generator deployment: one call per request, which the Generator checks before it decodes. Until it
     answers, nothing has reached the client, so a call whose replica died is sent once more."""
 
-    def __init__(self, handle: DeploymentHandle):
-        self.handle = handle
+    def __init__(self, handle: DeploymentHandle, tokens: Tokens):
+        self.handle, self.tokens = handle, tokens  # the model's tokenizer, here in the ingress: /tokenize
 
     async def stream(self, call: GenerationCall) -> tuple[int, AsyncIterator[list[Any]]]:
         async def accepted():

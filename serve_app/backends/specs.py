@@ -58,13 +58,13 @@ class DeployedEmbedder:
     def _preparer(self):
         entry = manifest.ManifestEntry.model_validate(self.entry)
         if entry.input_kind == "text":
-            from inference.string_encoder import text_items
+            from inference.string_encoder import TextOnly
 
-            return text_items
+            return TextOnly(entry.id)
         from inference.encoder import TextPreparer
 
         manifest.verify(self.root, entry, only={entry.metadata.tokenizer})  # what passed the gate
-        return TextPreparer(entry, self.root, truncate=self.truncate).prepare
+        return TextPreparer(entry, self.root, truncate=self.truncate)
 
 
 @dataclass(frozen=True)
@@ -90,11 +90,18 @@ class DeployedClassifier:
 
 @dataclass(frozen=True)
 class DeployedGenerator:
-    """A Generator deployment (``handle``); it checks each request against the model before decoding."""
+    """A Generator deployment (``handle``); it checks each request against the model before decoding. The
+    ingress loads the artifact's tokenizer and chat template too, for /tokenize and /detokenize."""
 
     handle: Any
+    entry: dict[str, Any]
+    root: str
 
     def build(self, settings: ServerSettings, use_gpu: bool) -> GenerationBackend:
+        from inference.tokens import PromptTokenizer
+
         from .remote import RemoteGeneration
 
-        return RemoteGeneration(self.handle)
+        entry = manifest.ManifestEntry.model_validate(self.entry)
+        manifest.verify(self.root, entry, only={entry.metadata.tokenizer})  # what passed the gate
+        return RemoteGeneration(self.handle, PromptTokenizer(entry, self.root))

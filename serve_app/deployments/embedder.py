@@ -9,6 +9,7 @@ import ray
 from ray import serve
 
 from ..backends.embedding import EmbeddingModel
+from .metrics import RayMetrics
 
 
 @serve.deployment(name="Embedder")
@@ -17,6 +18,7 @@ class Embedder:
                  cuda_graphs: bool = True, gemm_auto_tune: bool = True):
         self.model = EmbeddingModel(entry, root, truncate=truncate, use_gpu=bool(ray.get_gpu_ids()),
                                     num_cpus=num_cpus, cuda_graphs=cuda_graphs, gemm_auto_tune=gemm_auto_tune)
+        self.model.metrics = RayMetrics()  # batch sizes, tagged with the model
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Batch settings change at run time (``serve deploy`` with a new user_config, no restart)."""

@@ -13,6 +13,7 @@ from ..backends.base import Backends
 from ..backends.specs import DeployedClassifier, DeployedEmbedder, DeployedGenerator, InIngressEmbedder
 from ..http.routes import create_app
 from ..http.schemas import ModelCard
+from .metrics import RayMetrics
 
 
 @serve.deployment(name="Ingress")
@@ -28,9 +29,13 @@ class Ingress:
             embedders={model: spec.build(self.settings, use_gpu) for model, spec in embedders.items()},
             generators={model: spec.build(self.settings, use_gpu) for model, spec in generators.items()},
             classifiers={model: spec.build(self.settings, use_gpu) for model, spec in (classifiers or {}).items()})
+        self.metrics = RayMetrics()
+        for backend in self.backends.embedders.values():
+            if hasattr(backend, "metrics"):  # an EmbeddingModel held here (embed_in_ingress)
+                backend.metrics = self.metrics
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.backends, self.cards, self.settings)
+        return create_app(self.backends, self.cards, self.settings, self.metrics)
 
     def check_health(self) -> None:
         """Ray calls this periodically: a replica whose own sessions no longer run is replaced."""

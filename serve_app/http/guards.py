@@ -18,14 +18,17 @@ async def _reply(send, exc: ServeError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+GUARDED = ("/v1/", "/tokenize", "/detokenize")  # with api_keys set; /health, /ready stay open
+
+
 class GuardMiddleware:
-    """Refuses oversized bodies (413) before they are parsed and unauthenticated /v1 calls (401)."""
+    """Refuses oversized bodies (413) before they are parsed and unauthenticated API calls (401)."""
 
     def __init__(self, app, max_body_bytes: int, api_keys: tuple[str, ...] = ()):
         self.app, self.max_body_bytes, self.api_keys = app, max_body_bytes, api_keys
 
     def _authorized(self, scope) -> bool:
-        if not self.api_keys or not scope["path"].startswith("/v1/"):
+        if not self.api_keys or not scope["path"].startswith(GUARDED):
             return True
         headers = dict(scope.get("headers") or [])
         auth = headers.get(b"authorization", b"").decode("latin-1")

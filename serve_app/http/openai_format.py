@@ -5,7 +5,7 @@ import base64
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import numpy as np
 import orjson
@@ -77,11 +77,12 @@ def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def sse(model: str, steps: AsyncIterator[list], chat: bool, prompt_tokens: int | None = None) -> AsyncIterator[str]:
+async def sse(model: str, steps: AsyncIterator[list], chat: bool, prompt_tokens: int | None = None,
+              on_done: Callable[[int], None] | None = None) -> AsyncIterator[str]:
     """One SSE event per streamed item (textgen.steps: the first token, then every stream interval) and choice,
     then ``data: [DONE]``. ``prompt_tokens`` given (``stream_options.include_usage``): a last chunk with no
     choices carries the usage, as OpenAI's does. An error mid-stream becomes a final error event (the status
-    line is already sent)."""
+    line is already sent). ``on_done`` gets the completion token count."""
     ident, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
     completion_tokens = 0
     kind = "chat.completion.chunk" if chat else "text_completion"
@@ -104,4 +105,6 @@ async def sse(model: str, steps: AsyncIterator[list], chat: bool, prompt_tokens:
             yield _event({"id": ident, "object": kind, "created": created, "model": model, "choices": [],
                           "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                                     "total_tokens": prompt_tokens + completion_tokens}})
+    if on_done is not None:
+        on_done(completion_tokens)
     yield "data: [DONE]\n\n"

@@ -12,21 +12,24 @@ from dataclasses import dataclass
 from typing import Annotated, Awaitable, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from contract.errors import NotReady, RequestTimeout
+from contract.errors import ModelNotFound, NotReady, RequestTimeout
 from contract.settings import ServerSettings
 from inference.classifier import sigmoid, softmax
 
 from ..backends.base import Backends, GenerationCall
 from . import errors, openai_format, validate
 from .guards import GuardMiddleware
+from .metrics import LocalMetrics, Metrics, MetricsMiddleware
 from .openai_format import VectorsResponse
 from .schemas import (
     ChatCompletionRequest,
     ClassifyRequest,
     ClassifyResponse,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     EmbeddingRequest,
     EmbeddingResponse,
     Health,
@@ -34,6 +37,8 @@ from .schemas import (
     ModelList,
     RerankRequest,
     RerankResponse,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 
 INLINE_TOKENIZE_CHARS = 16_384  # larger requests are prepared in a worker thread, off the event loop
@@ -43,19 +48,24 @@ router = APIRouter()
 
 @dataclass(frozen=True)
 class Served:
-    """What the routes read: the backends, the model cards by id, the server's limits."""
+    """What the routes read: the backends, the model cards by id, the server's limits, where to record."""
 
     backends: Backends
     cards: dict[str, ModelCard]
     settings: ServerSettings
+    metrics: Metrics
 
 
-def create_app(backends: Backends, cards: list[ModelCard], settings: ServerSettings) -> FastAPI:
+def create_app(backends: Backends, cards: list[ModelCard], settings: ServerSettings,
+               metrics: Metrics | None = None) -> FastAPI:
+    """``metrics``: the Ray ingress supplies its own (serve_app.deployments.metrics); otherwise this process's."""
     app = FastAPI(title="onnx-serve", version="0.1.0",
                   description="OpenAI-shaped HTTP API over ONNX Runtime models served by Ray Serve.")
     errors.install(app)
+    metrics = metrics if metrics is not None else LocalMetrics()
     app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, api_keys=settings.api_keys)
-    app.state.served = Served(backends, {card.id: card for card in cards}, settings)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: refused requests count too
+    app.state.served = Served(backends, {card.id: card for card in cards}, settings, metrics)
     app.include_router(router)
     return app
 
@@ -67,6 +77,11 @@ def _served(request: Request) -> Served:
 ServedHere = Annotated[Served, Depends(_served)]
 
 
+def _tag(http: Request, model: str) -> None:
+    """The model label of this request's metrics (MetricsMiddleware reads it)."""
+    http.state.model = model
+
+
 async def _within(seconds: float, work: Awaitable[T]) -> T:
     try:
         return await asyncio.wait_for(work, seconds)
@@ -75,14 +90,18 @@ async def _within(seconds: float, work: Awaitable[T]) -> T:
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse)
-async def embeddings(request: EmbeddingRequest, served: ServedHere) -> VectorsResponse:
-    backend = served.backends.embedding(request.model)
-    texts = validate.embedding(request, served.cards[request.model], served.settings)
-    big = sum(map(len, texts)) > INLINE_TOKENIZE_CHARS  # the event loop serves every request of this replica
-    items = await asyncio.to_thread(backend.prepare, texts) if big else backend.prepare(texts)
+async def embeddings(request: EmbeddingRequest, served: ServedHere, http: Request) -> VectorsResponse:
+    _tag(http, request.model)
+    backend, card = served.backends.embedding(request.model), served.cards[request.model]
+    inputs = validate.embedding(request, card, served.settings)
+    limit = validate.truncation(request.truncate_prompt_tokens, card.max_length)
+    prepare = backend.preparer.prepare if isinstance(inputs[0], str) else backend.preparer.prepare_ids
+    big = sum(map(len, inputs)) > INLINE_TOKENIZE_CHARS  # the event loop serves every request of this replica
+    items = await asyncio.to_thread(prepare, inputs, limit) if big else prepare(inputs, limit)
     vectors = await _within(served.settings.request_timeout_s, backend.embed(items))
-    return openai_format.embeddings(request.model, vectors, sum(item.tokens for item in items),
-                                    request.encoding_format)
+    tokens = sum(item.tokens for item in items)
+    served.metrics.tokens(request.model, "prompt", tokens)
+    return openai_format.embeddings(request.model, vectors, tokens, request.encoding_format)
 
 
 @router.post("/v1/rerank", response_model=RerankResponse, response_model_exclude_none=True)
@@ -110,31 +129,69 @@ async def classify(request: ClassifyRequest, served: ServedHere) -> dict:
 
 
 @router.post("/v1/completions", responses={200: {"description": "text_completion, or SSE chunks if stream"}})
-async def completions(request: CompletionRequest, served: ServedHere):
+async def completions(request: CompletionRequest, served: ServedHere, http: Request):
+    _tag(http, request.model)
     return await _generate(served, request, validate.completion(request, served.settings), chat=False)
 
 
 @router.post("/v1/chat/completions", responses={200: {"description": "chat.completion, or SSE chunks if stream"}})
-async def chat_completions(request: ChatCompletionRequest, served: ServedHere):
+async def chat_completions(request: ChatCompletionRequest, served: ServedHere, http: Request):
+    _tag(http, request.model)
     return await _generate(served, request, validate.chat(request, served.settings), chat=True)
 
 
 async def _generate(served: Served, request: CompletionRequest | ChatCompletionRequest, call: GenerationCall,
                     chat: bool):
     backend = served.backends.generation(request.model)
-    timeout = served.settings.request_timeout_s
+    timeout, model = served.settings.request_timeout_s, request.model
     if request.stream:  # the status line goes once the backend has accepted the request
         prompt_tokens, steps = await _within(timeout, backend.stream(call))
+        served.metrics.tokens(model, "prompt", prompt_tokens)
         usage = request.stream_options is not None and request.stream_options.include_usage
-        return StreamingResponse(openai_format.sse(request.model, steps, chat, prompt_tokens if usage else None),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        events = openai_format.sse(model, steps, chat, prompt_tokens if usage else None,
+                                   on_done=lambda n: served.metrics.tokens(model, "completion", n))
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     result = await _within(timeout, backend.complete(call))
-    return JSONResponse(openai_format.completion(request.model, result, chat))
+    served.metrics.tokens(model, "prompt", result["prompt_tokens"])
+    served.metrics.tokens(model, "completion", result["completion_tokens"])
+    return JSONResponse(openai_format.completion(model, result, chat))
+
+
+@router.post("/tokenize", response_model=TokenizeResponse)
+async def tokenize(request: TokenizeRequest, served: ServedHere, http: Request) -> TokenizeResponse:
+    """vLLM's /tokenize: the ids a prompt (or chat messages, through the template) runs as, special tokens
+    included; they can be sent back as /v1/embeddings ``input`` or /v1/completions ``prompt``."""
+    _tag(http, request.model)
+    tokens = served.backends.tokens(request.model)
+    ids = tokens.tokenize(*validate.tokenize(request, served.settings))
+    return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=tokens.max_length)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse)
+async def detokenize(request: DetokenizeRequest, served: ServedHere) -> DetokenizeResponse:
+    tokens = served.backends.tokens(request.model)
+    ids = validate.token_lists([request.tokens], "tokens", served.settings)[0]
+    return DetokenizeResponse(prompt=tokens.detokenize(ids))
 
 
 @router.get("/v1/models", response_model=ModelList)
 async def models(served: ServedHere) -> ModelList:
     return ModelList(data=list(served.cards.values()))
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses={404: {"description": "unknown id"}})
+async def model(model_id: str, served: ServedHere) -> ModelCard:
+    """One model, as /v1/models lists it (models.retrieve)."""
+    if model_id not in served.cards:
+        raise ModelNotFound(f"model {model_id!r} is not served here; available: {sorted(served.cards)}", "model")
+    return served.cards[model_id]
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def metrics(served: ServedHere) -> PlainTextResponse:
+    """Prometheus text: requests by route, model and status, latency, tokens, batch sizes (and, under Ray,
+    Ray Serve's own series)."""
+    return PlainTextResponse(await served.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
 @router.get("/health", response_model=Health)

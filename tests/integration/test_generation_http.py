@@ -210,3 +210,18 @@ def test_continuous_batching_serves_concurrent_requests_in_shared_steps(server, 
     # over the batcher's context: a 400 naming the prompt, before any decoding
     r = httpx.post(f"{server}/v1/completions", json={"model": BATCHED, "prompt": "x", "max_tokens": 200})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_the_ingress_tokenizes_for_a_generator_and_ids_complete_as_text(server):
+    """/tokenize for a Generator deployment runs on the artifact's tokenizer the ingress loaded; its ids, sent as
+    the prompt, complete as the text does."""
+    body = {"model": MODEL, "max_tokens": 5, "temperature": 0}
+    tok = httpx.post(f"{server}/tokenize", json={"model": MODEL, "prompt": "Once upon a time"}).json()
+    text = httpx.post(f"{server}/v1/completions", json={**body, "prompt": "Once upon a time"}, timeout=60).json()
+    ids = httpx.post(f"{server}/v1/completions", json={**body, "prompt": tok["tokens"]}, timeout=60).json()
+    assert ids["choices"][0]["text"] == text["choices"][0]["text"]
+    assert ids["usage"]["prompt_tokens"] == tok["count"] and tok["max_model_len"] == 128
+    back = httpx.post(f"{server}/detokenize", json={"model": MODEL, "tokens": tok["tokens"]}).json()
+    assert back == {"prompt": "Once upon a time"}
+    chat = httpx.post(f"{server}/tokenize", json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]})
+    assert chat.status_code == 200 and chat.json()["count"] > 1

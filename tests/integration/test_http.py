@@ -100,3 +100,21 @@ def test_concurrent_requests_form_batches(server):
     sizes = handle.batch_stats.remote().result()[before:]
     assert sum(sizes) == 64
     assert max(sizes) > 1 and len(sizes) < 64, sizes  # requests really were served together
+
+
+def test_metrics_answer_ray_serves_series_and_ours(server):
+    """GET /metrics on the HTTP port: the node's metrics agent text, with ray_serve_* and our series (exported
+    every few seconds, so polled)."""
+    import time
+
+    assert httpx.post(f"{server}/v1/embeddings", json={"model": MODEL, "input": "ok"}).status_code == 200
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        r = httpx.get(f"{server}/metrics", timeout=10)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        text = r.text
+        if "onnx_serve_requests" in text and "onnx_serve_batch_requests" in text and "ray_serve_" in text:
+            break
+        time.sleep(2)
+    assert "ray_serve_" in text and "onnx_serve_tokens" in text, text[:2000]
+    assert f'model="{MODEL}"' in text and 'route="/v1/embeddings"' in text

@@ -49,3 +49,13 @@ def test_use_rejects_empty_input(use_server):
     url, _, _ = use_server
     r = httpx.post(f"{url}/v1/embeddings", json={"model": "use-multilingual", "input": ["ok", ""]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "input[1]"
+
+
+def test_use_refuses_token_ids_and_tokenize_saying_why(use_server):
+    """The graph tokenizes: ids, truncation and /tokenize get a 400 from the ingress's prepare step (TextOnly)."""
+    url, _, _ = use_server
+    for path, body in [("/v1/embeddings", {"input": [[101, 102]]}),
+                       ("/v1/embeddings", {"input": "ok", "truncate_prompt_tokens": 4}),
+                       ("/tokenize", {"prompt": "ok"})]:
+        r = httpx.post(f"{url}{path}", json={"model": "use-multilingual", **body})
+        assert r.status_code == 400 and "its graph tokenizes the text itself" in r.json()["error"]["message"], r.text

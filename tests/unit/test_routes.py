@@ -11,40 +11,12 @@ import httpx
 import numpy as np
 import pytest
 
-from contract import manifest
-from contract.config import ModelConfig
 from contract.settings import ServerSettings
-from serve_app.backends import Backends
-from serve_app.backends.embedding import EmbeddingModel
-from serve_app.backends.generation import GenerationModel
 from serve_app.http.routes import INLINE_TOKENIZE_CHARS, create_app
-from serve_app.http.schemas import model_card
+from tests.unit.conftest import EMBED, GEN
 
-EMBED, GEN = "tiny", "tiny-gpt2"  # 32-d vectors, 64 tokens; a 128-token context
 SETTINGS = ServerSettings(max_inputs_per_request=64, max_input_chars=5000, max_body_bytes=200_000,
                           max_tokens_limit=4000)
-
-
-@pytest.fixture(scope="module")
-def tiny_gpt2_root(tmp_path_factory):
-    from export_jobs.job import export_one
-    from tests.tiny import make_tiny_gpt2
-
-    source = make_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), 128)[0]
-    root = tmp_path_factory.mktemp("artifacts-gpt2")
-    manifest.commit(root, export_one(ModelConfig(id=GEN, source=str(source), task="generation"), root))
-    return root
-
-
-@pytest.fixture(scope="module")
-def served(tiny_bert_root, tiny_gpt2_root):
-    """The two models, loaded once; each test builds its app over them (settings differ)."""
-    embed_entry, gen_entry = manifest.load(tiny_bert_root)[EMBED], manifest.load(tiny_gpt2_root)[GEN]
-    embedder = EmbeddingModel(embed_entry, str(tiny_bert_root))
-    embedder.configure({"max_batch_size": 16})
-    generator = GenerationModel(gen_entry, str(tiny_gpt2_root), stream_interval_s=0)  # an item per token
-    backends = Backends(embedders={EMBED: embedder}, generators={GEN: generator})
-    return backends, [model_card(embed_entry), model_card(gen_entry)]
 
 
 def make_app(served, **settings):
@@ -96,7 +68,9 @@ BAD = [  # body, status, param, code
     ({"model": EMBED, "input": []}, 400, "input", "invalid_request"),
     ({"model": EMBED, "input": ["ok", ""]}, 400, "input[1]", "invalid_request"),
     ({"model": EMBED, "input": 5}, 400, "input", "invalid_request"),
-    ({"model": EMBED, "input": [1, 2]}, 400, "input", "invalid_request"),
+    ({"model": EMBED, "input": [1, 10**9]}, 400, "input", "invalid_request"),  # an id outside the vocabulary
+    ({"model": EMBED, "input": [[101, 102], []]}, 400, "input[1]", "invalid_request"),
+    ({"model": EMBED, "input": [1, "x"]}, 400, "input", "invalid_request"),
     ({"model": EMBED, "input": None}, 400, "input", "invalid_request"),
     ({"model": EMBED}, 400, "input", "invalid_request"),
     ({"input": "x"}, 400, "model", "invalid_request"),
@@ -176,6 +150,7 @@ def test_api_keys_guard_v1_and_a_slow_request_is_a_504(served):
     assert missing.status_code == wrong.status_code == 401
     assert missing.headers["www-authenticate"] == "Bearer" and missing.json()["error"]["code"] == "invalid_api_key"
     assert send(guarded, "GET", "/health").status_code == 200
+    assert send(guarded, "POST", "/tokenize", json={"model": EMBED, "prompt": "x"}).status_code == 401
     assert send(guarded, "GET", "/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     late = send(make_app(served, request_timeout_s=1e-6), "POST", "/v1/embeddings", json=body)
     assert late.status_code == 504 and late.json()["error"]["type"] == "timeout_error"
