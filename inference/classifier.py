@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 from contract.errors import InputTooLong
 from contract.manifest import ManifestEntry
 
-from .encoder import Prepared
+from .encoder import Prepared, pad_batch
 from .ort import providers, session_options
 
 
@@ -79,13 +79,7 @@ class ClassifierSession:
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def run(self, items: list[Prepared]) -> np.ndarray:
-        width = max(item.tokens for item in items)
-        ids = np.full((len(items), width), self.pad_id, np.int64)
-        type_ids = np.zeros((len(items), width), np.int64)
-        mask = np.zeros((len(items), width), np.int64)
-        for row, item in enumerate(items):
-            ids[row, : item.tokens], type_ids[row, : item.tokens], mask[row, : item.tokens] = item.ids, item.type_ids, 1
-        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": type_ids}
+        feeds = pad_batch(items, self.pad_id)
         return np.asarray(self.session.run(None, {n: feeds[n] for n in self.input_names})[0], np.float32)
 
     def run_sorted(self, items: list[Prepared], max_tokens: int) -> np.ndarray:

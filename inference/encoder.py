@@ -34,6 +34,17 @@ class Prepared:
         return int(self.ids.shape[0])
 
 
+def pad_batch(items: list[Prepared], pad_id: int) -> dict[str, np.ndarray]:
+    """Right-padded int64 [n, longest] input_ids, attention_mask and token_type_ids for prepared items."""
+    width = max(item.tokens for item in items)
+    ids = np.full((len(items), width), pad_id, np.int64)
+    type_ids = np.zeros((len(items), width), np.int64)
+    mask = np.zeros((len(items), width), np.int64)
+    for row, item in enumerate(items):
+        ids[row, : item.tokens], type_ids[row, : item.tokens], mask[row, : item.tokens] = item.ids, item.type_ids, 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": type_ids}
+
+
 def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     weights = mask[..., None].astype(hidden.dtype)
     return (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
@@ -133,13 +144,8 @@ class EncoderSession:
 
     def run(self, items: list[Prepared]) -> np.ndarray:
         """One padded batch through the session; returns float32 (len(items), dim)."""
-        width = max(item.tokens for item in items)
-        ids = np.full((len(items), width), self.pad_id, np.int64)
-        type_ids = np.zeros((len(items), width), np.int64)
-        mask = np.zeros((len(items), width), np.int64)
-        for row, item in enumerate(items):
-            ids[row, : item.tokens], type_ids[row, : item.tokens], mask[row, : item.tokens] = item.ids, item.type_ids, 1
-        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": type_ids}
+        feeds = pad_batch(items, self.pad_id)
+        mask = feeds["attention_mask"]
         if self.graphs is not None:
             first = self.graphs.run(feeds)
         else:

@@ -1,6 +1,7 @@
 """Tiny real models and small helpers the test lanes share (fixtures live in conftest.py)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -189,3 +190,44 @@ def make_tiny_classifier(directory: Path, num_labels: int = 1, *, seed: int = 0,
     BertForSequenceClassification(config).eval().save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@contextlib.contextmanager
+def private_cluster(head: dict, workers: tuple[dict, ...] = ()):
+    """A ray.cluster_utils.Cluster under a private RAY_TMPDIR, this driver connected to it, and both shut down
+    after; yields (cluster, worker nodes). Skips when this process already has a Ray connection."""
+    import shutil
+    import tempfile
+
+    import pytest
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():  # one driver connection per process: conftest's ray_local got here first
+        pytest.skip("another Ray instance is connected; run this file in its own pytest process")
+    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TMPDIR", tmp)
+        mp.delenv("RAY_ADDRESS", raising=False)
+        cluster = Cluster(initialize_head=True, head_node_args={**head, "include_dashboard": False})
+        nodes = [cluster.add_node(**args) for args in workers]
+        ray.init(address=cluster.address, log_to_driver=False)
+        try:
+            yield cluster, nodes
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_tiny_berts(base: Path, ids: tuple[str, ...] = ("tiny-a", "tiny-b")):
+    """One tiny BERT per id (seeded by position) exported through export_models: (project, results)."""
+    from contract.config import ModelConfig, ProjectConfig
+    from export_jobs import export_models
+
+    models = []
+    for seed, model_id in enumerate(ids):
+        make_tiny_bert(base / "src" / model_id, seed=seed)
+        models.append(ModelConfig(id=model_id, source=str(base / "src" / model_id)))
+    project = ProjectConfig(artifacts=str(base / "artifacts"), models=tuple(models))
+    return project, export_models(project, out=None)

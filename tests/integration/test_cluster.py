@@ -9,15 +9,13 @@ from __future__ import annotations
 import copy
 import re
 import shlex
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.tiny import free_port, make_tiny_bert
+from tests.tiny import export_tiny_berts, free_port, private_cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_FILES = ("cluster.yaml", "cluster.local.yaml")
@@ -177,39 +175,13 @@ def _eventually(check, timeout_s: float = 15.0) -> bool:
 @pytest.fixture(scope="module")
 def cluster():
     """Head without GPU, two workers with num_gpus=1 and 2 CPUs each (logical: no GPU is needed)."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():  # one driver connection per process: conftest's ray_local got here first
-        pytest.skip("another Ray instance is connected; run tests/integration/test_cluster.py in its own pytest process")
-    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_TMPDIR", tmp)
-        mp.delenv("RAY_ADDRESS", raising=False)
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 2, "num_gpus": 0, "include_dashboard": False})
-        workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
-        ray.init(address=cluster.address, log_to_driver=False)
-        try:
-            yield {"cluster": cluster, "workers": {w.node_id for w in workers}}
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
-            shutil.rmtree(tmp, ignore_errors=True)
+    with private_cluster({"num_cpus": 2, "num_gpus": 0}, ({"num_cpus": 2, "num_gpus": 1},) * 2) as (cluster, workers):
+        yield {"cluster": cluster, "workers": {w.node_id for w in workers}}
 
 
 @pytest.fixture(scope="module")
 def exported(cluster, tmp_path_factory):
-    from contract.config import ModelConfig, ProjectConfig
-    from export_jobs import export_models
-
-    base = tmp_path_factory.mktemp("scale")
-    models = []
-    for seed, model_id in enumerate(("tiny-a", "tiny-b")):
-        make_tiny_bert(base / "src" / model_id, seed=seed)
-        models.append(ModelConfig(id=model_id, source=str(base / "src" / model_id)))
-    project = ProjectConfig(artifacts=str(base / "artifacts"), models=tuple(models))
-    return project, export_models(project, out=None)
+    return export_tiny_berts(tmp_path_factory.mktemp("scale"))
 
 
 @pytest.mark.slow

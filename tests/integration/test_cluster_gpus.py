@@ -5,12 +5,9 @@ of the host, several models per GPU, and each replica sees the GPU Ray gave it.
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
-
 import pytest
 
-from tests.tiny import free_port, make_tiny_bert
+from tests.tiny import export_tiny_berts, free_port, private_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -18,38 +15,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 @pytest.fixture(scope="module")
 def host():
     """One node: 4 CPUs, 2 logical GPUs."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():  # one driver connection per process: conftest's ray_local got here first
-        pytest.skip("another Ray instance is connected; run this file in its own pytest process")
-    tmp = tempfile.mkdtemp(prefix="rg", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_TMPDIR", tmp)
-        mp.delenv("RAY_ADDRESS", raising=False)
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 2,
-                                                                "include_dashboard": False})
-        ray.init(address=cluster.address, log_to_driver=False)
-        try:
-            yield cluster
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
-            shutil.rmtree(tmp, ignore_errors=True)
+    with private_cluster({"num_cpus": 4, "num_gpus": 2}) as (cluster, _):
+        yield cluster
 
 
 @pytest.fixture(scope="module")
 def exported(host, tmp_path_factory):
-    from contract.config import ModelConfig, ProjectConfig
-    from export_jobs import export_models
-
-    base = tmp_path_factory.mktemp("gpus")
-    models = []
-    for seed, model_id in enumerate(("tiny-a", "tiny-b")):
-        make_tiny_bert(base / "src" / model_id, seed=seed)
-        models.append(ModelConfig(id=model_id, source=str(base / "src" / model_id)))
-    project = ProjectConfig(artifacts=str(base / "artifacts"), models=tuple(models))
-    return project, export_models(project, out=None)
+    return export_tiny_berts(tmp_path_factory.mktemp("gpus"))
 
 
 def test_exports_take_one_gpu_each_and_run_side_by_side(exported):

@@ -125,8 +125,19 @@ def test_a_roberta_cross_encoder_exports_and_serves(tmp_path):
     """RoBERTa's pair template (<s> A </s></s> B </s>), no token_type_ids, and position ids counted from the
     padding id: a tiny byte-level BPE trained here (no hub) under a random RobertaForSequenceClassification."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import RobertaConfig, RobertaForSequenceClassification, RobertaTokenizerFast
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import (
+        RobertaConfig,
+        RobertaForSequenceClassification,
+        RobertaTokenizerFast,
+    )
 
     from contract.config import ModelConfig
     from export_jobs.classifier_job import DOCUMENTS, QUERIES
