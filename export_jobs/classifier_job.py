@@ -16,7 +16,7 @@ from contract.config import ModelConfig, SpeedOption, Task
 from inference.classifier import PairPreparer, sigmoid, softmax
 
 from . import validate
-from .encoder_sources import local_dir
+from .encoder_sources import load_with_tokenizer
 from .sources import ResolvedSource
 from .specs import EncoderSpec, UnsupportedModelError, spec_for
 from .torch_export import additive_mask, example_inputs, export_module
@@ -47,13 +47,7 @@ class Logits(torch.nn.Module):
 
 
 def load_classifier(resolved: ResolvedSource):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    directory = local_dir(resolved)
-    model = AutoModelForSequenceClassification.from_pretrained(directory, attn_implementation="eager").eval()
-    tokenizer = AutoTokenizer.from_pretrained(directory, use_fast=True)
-    if not tokenizer.is_fast:
-        raise ValueError(f"{directory}: a fast tokenizer (tokenizer.json) is required for serving")
+    model, tokenizer, _ = load_with_tokenizer(resolved, "AutoModelForSequenceClassification")
     return model, tokenizer
 
 

@@ -47,13 +47,20 @@ def sentence_settings(directory: Path) -> SentenceSettings:
     return SentenceSettings(pooling=pooling, normalize=normalize, max_seq_length=max_len)
 
 
-def load_encoder(resolved: ResolvedSource):
-    """Returns (model, tokenizer, settings, directory). Eager attention: it exports to fusable graphs."""
-    from transformers import AutoModel, AutoTokenizer
+def load_with_tokenizer(resolved: ResolvedSource, auto_class: str = "AutoModel"):
+    """(model in eval mode, fast tokenizer, directory). Eager attention: it exports to fusable graphs."""
+    import transformers
+    from transformers import AutoTokenizer
 
     directory = local_dir(resolved)
-    model = AutoModel.from_pretrained(directory, attn_implementation="eager").eval()
+    model = getattr(transformers, auto_class).from_pretrained(directory, attn_implementation="eager").eval()
     tokenizer = AutoTokenizer.from_pretrained(directory, use_fast=True)
     if not tokenizer.is_fast:
         raise ValueError(f"{directory}: a fast tokenizer (tokenizer.json) is required for serving")
+    return model, tokenizer, directory
+
+
+def load_encoder(resolved: ResolvedSource):
+    """Returns (model, tokenizer, settings, directory)."""
+    model, tokenizer, directory = load_with_tokenizer(resolved)
     return model, tokenizer, sentence_settings(directory), directory
