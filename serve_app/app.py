@@ -88,7 +88,12 @@ def deployment_options(cfg: ModelConfig, name: str) -> dict[str, Any]:
 def build(app_config: AppConfig, entries: dict[str, manifest.ManifestEntry]) -> Application:
     """One deployment per model (unless ``server.embed_in_ingress`` keeps embedding models in the ingress) and
     the Ingress, told which backend each model gets (serve_app.backends.specs)."""
-    from .backends.specs import DeployedClassifier, DeployedEmbedder, DeployedGenerator, InIngressEmbedder
+    from .backends.specs import (
+        DeployedClassifier,
+        DeployedEmbedder,
+        DeployedGenerator,
+        InIngressEmbedder,
+    )
     from .deployments.classifier import Classifier
     from .deployments.embedder import Embedder
     from .deployments.generator import Generator

@@ -49,6 +49,22 @@ class GreedyBatcher(Generic[T, R]):
         self._arrived.set()
         return await future
 
+    def configure(self, user_config: dict[str, Any]) -> None:
+        """``max_batch_size`` and ``batch_wait_timeout_s`` from a deployment's user_config, where given."""
+        if "max_batch_size" in user_config:
+            self.max_batch_size = int(user_config["max_batch_size"])
+        if "batch_wait_timeout_s" in user_config:
+            self.wait_s = float(user_config["batch_wait_timeout_s"])
+
+    async def submit_groups(self, requests: Sequence[T]) -> list:
+        """Requests merged by a caller, as items of at most ``max_batch_size`` requests each (one future and one
+        wake-up per item, not per request); for a batcher whose items are lists of requests (``weight=len``)
+        and whose ``run_batch`` answers each item with one result per request. Results in request order."""
+        size = self.max_batch_size
+        items = [list(requests[i : i + size]) for i in range(0, len(requests), size)]
+        results = await asyncio.gather(*(self.submit(item) for item in items))
+        return [result for item in results for result in item]
+
     def _queued(self) -> int:
         return sum(self.weight(item) for item, _ in self._queue) if self.weight else len(self._queue)
 
@@ -99,3 +115,14 @@ class GreedyBatcher(Generic[T, R]):
                     future.set_result(result)
         finally:
             self._slots.release()
+
+
+def rows_per_request(outputs, groups: Sequence[Sequence[Sequence[Any]]]) -> list[list]:
+    """A run's output rows (one per prepared item, the groups' requests' items in order) split back: per group,
+    one slice of rows per request."""
+    lengths = [len(request) for group in groups for request in group]
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    slices = iter(outputs[bounds[i] : bounds[i + 1]] for i in range(len(lengths)))
+    return [[next(slices) for _ in group] for group in groups]

@@ -17,7 +17,7 @@ from contract import manifest
 from inference.classifier import ClassifierSession
 from inference.encoder import Prepared
 
-from ..batching import GreedyBatcher
+from ..batching import GreedyBatcher, rows_per_request
 
 MAX_TOKENS_PER_RUN = 8192
 
@@ -37,10 +37,7 @@ class ClassifierModel:
         self.sizes: collections.deque[int] = collections.deque(maxlen=10_000)  # requests per run
 
     def configure(self, user_config: dict[str, Any]) -> None:
-        if "max_batch_size" in user_config:
-            self.batcher.max_batch_size = int(user_config["max_batch_size"])
-        if "batch_wait_timeout_s" in user_config:
-            self.batcher.wait_s = float(user_config["batch_wait_timeout_s"])
+        self.batcher.configure(user_config)
         self.max_tokens = int(user_config.get("max_tokens_per_run", self.max_tokens))
 
     def prepare_pairs(self, query: str, documents: list[str]) -> list[Prepared]:
@@ -53,19 +50,14 @@ class ClassifierModel:
         return (await self.batcher.submit([items]))[0]
 
     async def logits_many(self, requests: list[Request]) -> list[np.ndarray]:
-        size = self.batcher.max_batch_size
-        groups = [requests[i : i + size] for i in range(0, len(requests), size)]
-        results = await asyncio.gather(*(self.batcher.submit(group) for group in groups))
-        return [logits for group in results for logits in group]
+        return await self.batcher.submit_groups(requests)
 
     async def _run_batch(self, groups: list[list[Request]]) -> list[list[np.ndarray]]:
         requests = [request for group in groups for request in group]
         self.sizes.append(len(requests))
         rows = [item for request in requests for item in request]
         logits = await asyncio.to_thread(self.session.run_sorted, rows, self.max_tokens)
-        bounds = np.cumsum([0] + [len(r) for r in requests])
-        per_request = iter(logits[bounds[i] : bounds[i + 1]] for i in range(len(requests)))
-        return [[next(per_request) for _ in group] for group in groups]
+        return rows_per_request(logits, groups)
 
     async def ready(self) -> bool:
         return True

@@ -19,7 +19,7 @@ from contract import manifest
 from inference.encoder import EncoderSession
 from inference.ort import providers
 
-from ..batching import GreedyBatcher
+from ..batching import GreedyBatcher, rows_per_request
 
 MAX_ROWS_PER_RUN = 64
 
@@ -49,10 +49,7 @@ class EmbeddingModel:
 
     def configure(self, user_config: dict[str, Any]) -> None:
         """Batch settings (``user_config``: ``Embedder.reconfigure`` applies them at run time)."""
-        if "max_batch_size" in user_config:
-            self.batcher.max_batch_size = int(user_config["max_batch_size"])
-        if "batch_wait_timeout_s" in user_config:
-            self.batcher.wait_s = float(user_config["batch_wait_timeout_s"])
+        self.batcher.configure(user_config)
         self.max_rows = int(user_config.get("max_rows_per_run", self.max_rows))
         graphs = getattr(self.session, "graphs", None)
         if graphs is not None and "inline_run_tokens" in user_config:
@@ -70,10 +67,7 @@ class EmbeddingModel:
         """Prepared requests merged by an ingress, one array of vectors each. They join the batcher as one item
         (one future and one wake-up per call, not per request: this replica's one event loop serves every
         ingress), or as several when the call holds more than ``max_batch_size`` requests."""
-        size = self.batcher.max_batch_size
-        groups = [requests[i : i + size] for i in range(0, len(requests), size)]
-        results = await asyncio.gather(*(self.batcher.submit(group) for group in groups))
-        return [vectors for group in results for vectors in group]
+        return await self.batcher.submit_groups(requests)
 
     async def _run_batch(self, groups: list[list[Request]]) -> list[list[np.ndarray]]:
         """Returns, per group, one array of vectors per request."""
@@ -89,9 +83,7 @@ class EmbeddingModel:
             vectors = self.session.run_sorted(rows, self.max_rows)
         else:
             vectors = await asyncio.to_thread(self.session.run_sorted, rows, self.max_rows)
-        bounds = np.cumsum([0] + [len(r) for r in requests])
-        per_request = iter(vectors[bounds[i] : bounds[i + 1]] for i in range(len(requests)))
-        return [[next(per_request) for _ in group] for group in groups]
+        return rows_per_request(vectors, groups)
 
     async def ready(self) -> bool:
         return True  # loaded in __init__

@@ -10,7 +10,12 @@ from ray import serve
 from contract.settings import ServerSettings
 
 from ..backends.base import Backends
-from ..backends.specs import DeployedClassifier, DeployedEmbedder, DeployedGenerator, InIngressEmbedder
+from ..backends.specs import (
+    DeployedClassifier,
+    DeployedEmbedder,
+    DeployedGenerator,
+    InIngressEmbedder,
+)
 from ..http.routes import create_app
 from ..http.schemas import ModelCard
 from .metrics import RayMetrics
