@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from typing import Any, Awaitable, Callable, Generic, Sequence, TypeVar
 
 T = TypeVar("T")
@@ -25,6 +26,8 @@ class GreedyBatcher(Generic[T, R]):
     holds a batch that is not full for up to that long, once a slot is free. ``weight(item)`` is what an item
     counts against ``max_batch_size`` (1 each by default); a batch always takes at least one item.
     ``max_batch_size=None``: every waiting item (a merger whose receiver decides the batches).
+    ``metrics`` (serve_app.http.metrics.Metrics, set by whoever holds the model): each batch's size and its
+    items' queue waits, labelled ``name``.
     """
 
     def __init__(self, run_batch: Callable[[list[T]], Awaitable[Sequence[Any]]], max_batch_size: int | None,
@@ -34,7 +37,8 @@ class GreedyBatcher(Generic[T, R]):
         self.run_batch, self.max_batch_size, self.wait_s = run_batch, max_batch_size, wait_s
         self.max_in_flight, self.weight = max_in_flight, weight
         self.sizes: collections.deque[int] = collections.deque(maxlen=10_000)
-        self._queue: collections.deque[tuple[T, asyncio.Future]] = collections.deque()
+        self._queue: collections.deque[tuple[T, asyncio.Future, float]] = collections.deque()
+        self.metrics, self.name = None, ""
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._slots: asyncio.Semaphore | None = None
@@ -45,7 +49,7 @@ class GreedyBatcher(Generic[T, R]):
             self._arrived, self._slots = asyncio.Event(), asyncio.Semaphore(self.max_in_flight)
             self._worker = asyncio.get_running_loop().create_task(self._loop())
         future = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
+        self._queue.append((item, future, time.perf_counter()))
         self._arrived.set()
         return await future
 
@@ -66,12 +70,12 @@ class GreedyBatcher(Generic[T, R]):
         return [result for item in results for result in item]
 
     def _queued(self) -> int:
-        return sum(self.weight(item) for item, _ in self._queue) if self.weight else len(self._queue)
+        return sum(self.weight(item) for item, *_ in self._queue) if self.weight else len(self._queue)
 
     def _take(self) -> list[tuple[T, asyncio.Future]]:
-        batch, total, limit = [], 0, self.max_batch_size
+        batch, total, limit, waits, now = [], 0, self.max_batch_size, [], time.perf_counter()
         while self._queue and (limit is None or total < limit):
-            item, future = self._queue[0]
+            item, future, queued_at = self._queue[0]
             size = self.weight(item) if self.weight else 1
             if batch and limit is not None and total + size > limit:
                 break
@@ -79,8 +83,11 @@ class GreedyBatcher(Generic[T, R]):
             if not future.done():  # a caller that gave up (timeout, disconnect) is dropped here
                 batch.append((item, future))
                 total += size
+                waits.append(now - queued_at)
         if not self._queue:
             self._arrived.clear()
+        if batch and self.metrics is not None:
+            self.metrics.batch(self.name, total, waits)
         return batch
 
     async def _loop(self) -> None:

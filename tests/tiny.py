@@ -231,3 +231,45 @@ def export_tiny_berts(base: Path, ids: tuple[str, ...] = ("tiny-a", "tiny-b")):
         models.append(ModelConfig(id=model_id, source=str(base / "src" / model_id)))
     project = ProjectConfig(artifacts=str(base / "artifacts"), models=tuple(models))
     return project, export_models(project, out=None)
+
+
+def metric_samples(text: str) -> dict[str, float]:
+    """Prometheus text as {'name{labels}': value}."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels`` (Ray adds its own labels to each)."""
+    return sum(value for key, value in metric_samples(text).items()
+               if key.split("{", 1)[0] == name and all(f'{k}="{v}"' in key for k, v in labels.items()))
+
+
+def scrape_until(url: str, done, timeout_s: float = 90.0) -> str:
+    """GET /metrics until ``done(text)``: Ray's agent exports each process's series every few seconds."""
+    import time
+
+    import httpx
+
+    deadline, text = time.monotonic() + timeout_s, ""
+    while time.monotonic() < deadline:
+        response = httpx.get(f"{url}/metrics", timeout=10)
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+        if done(text := response.text):
+            break
+        time.sleep(2)
+    return text
+
+
+def settled_value(url: str, value, quiet_s: float = 6.0, timeout_s: float = 90.0) -> float:
+    """``value(text)`` once two scrapes ``quiet_s`` apart agree: earlier traffic has reached the agent."""
+    import time
+
+    deadline, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        now = value(scrape_until(url, lambda text: True))
+        if now == last:
+            return now
+        last = now
+        time.sleep(quiet_s)
+    raise AssertionError(f"metrics still moving after {timeout_s} s: {last}")

@@ -152,5 +152,15 @@ class Backends:
         return dict(zip(backends, results))
 
     def check(self) -> None:
-        for backend in (*self.embedders.values(), *self.generators.values(), *self.classifiers.values()):
+        for backend in self._all():
             backend.check()
+
+    def observe(self, metrics) -> None:
+        """Models held in this process record batches, queue waits and generation times to ``metrics``; those
+        behind a handle record where they run."""
+        for backend in self._all():
+            if hasattr(backend, "observe"):
+                backend.observe(metrics)
+
+    def _all(self) -> tuple:
+        return (*self.embedders.values(), *self.generators.values(), *self.classifiers.values())

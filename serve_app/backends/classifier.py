@@ -34,7 +34,12 @@ class ClassifierModel:
         self.model_id, self.task, self.labels = parsed.id, parsed.task, self.session.labels
         self.max_tokens = MAX_TOKENS_PER_RUN
         self.batcher = GreedyBatcher(self._run_batch, max_batch_size=32, weight=len)
+        self.batcher.name = parsed.id
         self.sizes: collections.deque[int] = collections.deque(maxlen=10_000)  # requests per run
+
+    def observe(self, metrics) -> None:
+        """Batch sizes and queue waits go to ``metrics`` (the deployment or ingress holding this model)."""
+        self.batcher.metrics = metrics
 
     def configure(self, user_config: dict[str, Any]) -> None:
         self.batcher.configure(user_config)

@@ -44,8 +44,12 @@ class EmbeddingModel:
         self.max_rows = MAX_ROWS_PER_RUN
         # an item is a group of requests (one request, or part of an ingress's merged call): weight = requests
         self.batcher = GreedyBatcher(self._run_batch, max_batch_size=32, weight=len)
+        self.batcher.name = parsed.id
         self.sizes: collections.deque[int] = collections.deque(maxlen=10_000)  # requests per run
-        self.metrics = None  # serve_app.http.metrics.Metrics: the deployment or ingress that holds this model sets it
+
+    def observe(self, metrics) -> None:
+        """Batch sizes and queue waits go to ``metrics`` (the deployment or ingress holding this model)."""
+        self.batcher.metrics = metrics
 
     def configure(self, user_config: dict[str, Any]) -> None:
         """Batch settings (``user_config``: ``Embedder.reconfigure`` applies them at run time)."""
@@ -73,8 +77,6 @@ class EmbeddingModel:
         """Returns, per group, one array of vectors per request."""
         requests = [request for group in groups for request in group]
         self.sizes.append(len(requests))
-        if self.metrics is not None:
-            self.metrics.batch(self.model_id, len(requests))
         rows = [item for request in requests for item in request]
         if len(requests) == 1 and self.session.quick(rows):
             # A lone request (nothing else was queued) on a small captured graph: a sub-millisecond replay costs less

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 from typing import Any, AsyncIterator
 
 from contract import manifest
@@ -35,6 +36,12 @@ class GenerationModel:
             batcher.rows + 4 if batcher is not None else None, thread_name_prefix="stream")
         self.active_streams = 0
         self.tokens = self.runtime.tokens
+        self.metrics = None
+
+    def observe(self, metrics) -> None:
+        """Time to first token and per output token go to ``metrics`` (the deployment or ingress holding this
+        model)."""
+        self.metrics = metrics
 
     def prepare(self, call: GenerationCall) -> Prepared:
         """Check a request against the model (raises a 4xx-mapped error) before any decoding starts."""
@@ -55,14 +62,19 @@ class GenerationModel:
         thread; a cancelled caller stops the loop."""
         steps = self.runtime.steps(prepared)
         self.active_streams += 1
-        running = None
+        running, start, first, last, tokens = None, time.perf_counter(), None, None, 0
         try:
             while True:
                 running = self._steps_pool.submit(next, steps, _DONE)
                 if (deltas := await asyncio.wrap_future(running)) is _DONE:
                     break
                 if deltas:
+                    last, tokens = time.perf_counter(), tokens + sum(d.tokens for d in deltas)
+                    first = first or last
                     yield deltas
+            if self.metrics is not None and first is not None:
+                per_token = (last - first) / (tokens - 1) if tokens > 1 else None
+                self.metrics.generation(self.model_id, first - start, per_token)
         finally:
             self.active_streams -= 1
             # A cancelled caller can leave a step running in its thread: close the steps once it returns (a

@@ -9,6 +9,7 @@ import ray
 from ray import serve
 
 from ..backends.classifier import ClassifierModel
+from .metrics import RayMetrics
 
 
 @serve.deployment(name="Classifier")
@@ -16,6 +17,7 @@ class Classifier:
     def __init__(self, entry: dict[str, Any], root: str, truncate: bool = True, num_cpus: float = 1.0):
         self.model = ClassifierModel(entry, root, truncate=truncate, use_gpu=bool(ray.get_gpu_ids()),
                                      num_cpus=num_cpus)
+        self.model.observe(RayMetrics())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.model.configure(user_config)

@@ -18,7 +18,7 @@ class Embedder:
                  cuda_graphs: bool = True, gemm_auto_tune: bool = True):
         self.model = EmbeddingModel(entry, root, truncate=truncate, use_gpu=bool(ray.get_gpu_ids()),
                                     num_cpus=num_cpus, cuda_graphs=cuda_graphs, gemm_auto_tune=gemm_auto_tune)
-        self.model.metrics = RayMetrics()  # batch sizes, tagged with the model
+        self.model.observe(RayMetrics())  # batch sizes and queue waits, tagged with the model
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Batch settings change at run time (``serve deploy`` with a new user_config, no restart)."""

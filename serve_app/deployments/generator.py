@@ -11,6 +11,7 @@ from inference.textgen import Delta
 
 from ..backends.base import GenerationCall
 from ..backends.generation import GenerationModel
+from .metrics import RayMetrics
 
 
 @serve.deployment(name="Generator")
@@ -20,6 +21,7 @@ class Generator:
         self.model = GenerationModel(entry, root, use_gpu=bool(ray.get_gpu_ids()), num_cpus=num_cpus,
                                      continuous=continuous, stream_interval_s=stream_interval_s,
                                      gemm_auto_tune=gemm_auto_tune)
+        self.model.observe(RayMetrics())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Batch settings belong to embedders; generators accept and ignore them."""

@@ -35,9 +35,6 @@ class Ingress:
             generators={model: spec.build(self.settings, use_gpu) for model, spec in generators.items()},
             classifiers={model: spec.build(self.settings, use_gpu) for model, spec in (classifiers or {}).items()})
         self.metrics = RayMetrics()
-        for backend in self.backends.embedders.values():
-            if hasattr(backend, "metrics"):  # an EmbeddingModel held here (embed_in_ingress)
-                backend.metrics = self.metrics
 
     def __serve_build_asgi_app__(self):
         return create_app(self.backends, self.cards, self.settings, self.metrics)

@@ -9,9 +9,9 @@ import logging
 import urllib.request
 
 import ray
-from ray.util.metrics import Counter, Histogram
+from ray.util.metrics import Counter, Gauge, Histogram
 
-from ..http.metrics import BATCH_BUCKETS, LATENCY_BUCKETS_S
+from ..http.metrics import SERIES, UPDATE, Recorder
 
 logger = logging.getLogger("serve_app")
 
@@ -25,28 +25,18 @@ def agent_url() -> str | None:
     return None
 
 
-class RayMetrics:
+class RayMetrics(Recorder):
     def __init__(self):
-        self.requests = Counter("onnx_serve_requests", "HTTP requests by route, model and status",
-                                tag_keys=("route", "model", "status"))
-        self.latency = Histogram("onnx_serve_request_seconds", "HTTP request latency",
-                                 boundaries=list(LATENCY_BUCKETS_S), tag_keys=("route", "model"))
-        self.token_count = Counter("onnx_serve_tokens", "Tokens by model and kind (prompt, completion)",
-                                   tag_keys=("model", "kind"))
-        self.batches = Histogram("onnx_serve_batch_requests", "Requests per session run",
-                                 boundaries=[float(b) for b in BATCH_BUCKETS], tag_keys=("model",))
+        kinds = {"counter": Counter, "histogram": Histogram, "gauge": Gauge}
+        self.series = {}
+        for name, (kind, doc, labels, buckets) in SERIES.items():
+            extra = {"boundaries": list(buckets)} if buckets else {}
+            self.series[name] = kinds[kind](name, doc, tag_keys=labels, **extra)
         self.url: str | None = None
 
-    def request(self, route: str, model: str, status: int, seconds: float) -> None:
-        self.requests.inc(1, {"route": route, "model": model, "status": str(status)})
-        self.latency.observe(seconds, {"route": route, "model": model})
-
-    def tokens(self, model: str, kind: str, count: int) -> None:
-        if count:
-            self.token_count.inc(count, {"model": model, "kind": kind})
-
-    def batch(self, model: str, requests: int) -> None:
-        self.batches.observe(requests, {"model": model})
+    def _update(self, name: str, value: float, labels: dict[str, str]) -> None:
+        series = self.series[name]
+        getattr(series, UPDATE[SERIES[name][0]])(value, labels)
 
     async def render(self) -> str:
         """The node agent's text (Ray Serve's series and ours); a comment line when it cannot be reached."""

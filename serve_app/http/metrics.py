@@ -21,38 +21,85 @@ class Metrics(Protocol):
     def tokens(self, model: str, kind: str, count: int) -> None:
         """``kind``: prompt or completion."""
 
-    def batch(self, model: str, requests: int) -> None:
-        """Requests one session run took (an embedder's batcher)."""
+    def batch(self, model: str, requests: int, waits: list[float]) -> None:
+        """One session run of a model's batcher: the requests it took, and how long each of its items waited."""
+
+    def generation(self, model: str, first_token_s: float, per_token_s: float | None) -> None:
+        """One finished generation: time to its first token, then per output token after it."""
+
+    def served(self, model: str, artifact: str, parity_max_abs_diff: float) -> None:
+        """What a served model's export passed: its gate's worst difference against the source framework."""
 
     async def render(self) -> str:
         """Prometheus text."""
 
 
-class LocalMetrics:
+# name: (kind, help, labels, buckets). Both implementations build these; Ray prefixes them with ``ray_``.
+SERIES: dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...] | None]] = {
+    "onnx_serve_requests": ("counter", "HTTP requests by route, model and status", ("route", "model", "status"), None),
+    "onnx_serve_request_seconds": ("histogram", "HTTP request latency", ("route", "model"), LATENCY_BUCKETS_S),
+    "onnx_serve_tokens": ("counter", "Tokens by model and kind (prompt, completion)", ("model", "kind"), None),
+    "onnx_serve_batch_requests": ("histogram", "Requests per session run", ("model",), BATCH_BUCKETS),
+    "onnx_serve_queue_wait_seconds": ("histogram", "Time a request waited in its model's batcher",
+                                      ("model",), LATENCY_BUCKETS_S),
+    "onnx_serve_time_to_first_token_seconds": ("histogram", "Time from a checked request to its first token",
+                                               ("model",), LATENCY_BUCKETS_S),
+    "onnx_serve_time_per_output_token_seconds": ("histogram", "Time per output token after the first",
+                                                 ("model",), LATENCY_BUCKETS_S),
+    "onnx_serve_parity_max_abs_diff": ("gauge", "A served export's gate: worst absolute difference to its "
+                                       "source framework", ("model", "artifact"), None),
+}
+UPDATE = {"counter": "inc", "histogram": "observe", "gauge": "set"}  # the method that records a value
+
+
+class Recorder:
+    """The recording half of ``Metrics`` over a table of series objects (``series[name]``) and a way to
+    update one (``_update(name, value, labels)``)."""
+
+    series: dict
+
+    def _update(self, name: str, value: float, labels: dict[str, str]) -> None:
+        raise NotImplementedError
+
+    def request(self, route: str, model: str, status: int, seconds: float) -> None:
+        self._update("onnx_serve_requests", 1, {"route": route, "model": model, "status": str(status)})
+        self._update("onnx_serve_request_seconds", seconds, {"route": route, "model": model})
+
+    def tokens(self, model: str, kind: str, count: int) -> None:
+        if count:
+            self._update("onnx_serve_tokens", count, {"model": model, "kind": kind})
+
+    def batch(self, model: str, requests: int, waits: list[float]) -> None:
+        self._update("onnx_serve_batch_requests", requests, {"model": model})
+        for wait in waits:
+            self._update("onnx_serve_queue_wait_seconds", wait, {"model": model})
+
+    def generation(self, model: str, first_token_s: float, per_token_s: float | None) -> None:
+        self._update("onnx_serve_time_to_first_token_seconds", first_token_s, {"model": model})
+        if per_token_s is not None:
+            self._update("onnx_serve_time_per_output_token_seconds", per_token_s, {"model": model})
+
+    def served(self, model: str, artifact: str, parity_max_abs_diff: float) -> None:
+        self._update("onnx_serve_parity_max_abs_diff", parity_max_abs_diff, {"model": model, "artifact": artifact})
+
+
+class LocalMetrics(Recorder):
     """The series in this process's own registry."""
 
     def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+        import prometheus_client
 
-        self.registry = CollectorRegistry()
-        self.requests = Counter("onnx_serve_requests", "HTTP requests by route, model and status",
-                                ("route", "model", "status"), registry=self.registry)
-        self.latency = Histogram("onnx_serve_request_seconds", "HTTP request latency", ("route", "model"),
-                                 buckets=LATENCY_BUCKETS_S, registry=self.registry)
-        self.token_count = Counter("onnx_serve_tokens", "Tokens by model and kind (prompt, completion)",
-                                   ("model", "kind"), registry=self.registry)
-        self.batches = Histogram("onnx_serve_batch_requests", "Requests per session run", ("model",),
-                                 buckets=BATCH_BUCKETS, registry=self.registry)
+        self.registry = prometheus_client.CollectorRegistry()
+        kinds = {"counter": prometheus_client.Counter, "histogram": prometheus_client.Histogram,
+                 "gauge": prometheus_client.Gauge}
+        self.series = {}
+        for name, (kind, doc, labels, buckets) in SERIES.items():
+            extra = {"buckets": buckets} if buckets else {}
+            self.series[name] = kinds[kind](name, doc, labels, registry=self.registry, **extra)
 
-    def request(self, route: str, model: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, model, str(status)).inc()
-        self.latency.labels(route, model).observe(seconds)
-
-    def tokens(self, model: str, kind: str, count: int) -> None:
-        self.token_count.labels(model, kind).inc(count)
-
-    def batch(self, model: str, requests: int) -> None:
-        self.batches.labels(model).observe(requests)
+    def _update(self, name: str, value: float, labels: dict[str, str]) -> None:
+        series = self.series[name].labels(**labels)
+        getattr(series, UPDATE[SERIES[name][0]])(value)
 
     async def render(self) -> str:
         from prometheus_client import generate_latest

@@ -63,6 +63,9 @@ def create_app(backends: Backends, cards: list[ModelCard], settings: ServerSetti
                   description="OpenAI-shaped HTTP API over ONNX Runtime models served by Ray Serve.")
     errors.install(app)
     metrics = metrics if metrics is not None else LocalMetrics()
+    backends.observe(metrics)
+    for card in cards:
+        metrics.served(card.id, card.artifact, card.parity_max_abs_diff)
     app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, api_keys=settings.api_keys)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: refused requests count too
     app.state.served = Served(backends, {card.id: card for card in cards}, settings, metrics)
@@ -77,9 +80,10 @@ def _served(request: Request) -> Served:
 ServedHere = Annotated[Served, Depends(_served)]
 
 
-def _tag(http: Request, model: str) -> None:
-    """The model label of this request's metrics (MetricsMiddleware reads it)."""
-    http.state.model = model
+def _tag(http: Request, served: Served, model: str) -> None:
+    """The model label of this request's metrics (MetricsMiddleware reads it): a served model's id, or
+    "unknown", so that what clients send cannot grow the number of series."""
+    http.state.model = model if model in served.cards else "unknown"
 
 
 async def _within(seconds: float, work: Awaitable[T]) -> T:
@@ -91,7 +95,7 @@ async def _within(seconds: float, work: Awaitable[T]) -> T:
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse)
 async def embeddings(request: EmbeddingRequest, served: ServedHere, http: Request) -> VectorsResponse:
-    _tag(http, request.model)
+    _tag(http, served, request.model)
     backend, card = served.backends.embedding(request.model), served.cards[request.model]
     inputs = validate.embedding(request, card, served.settings)
     limit = validate.truncation(request.truncate_prompt_tokens, card.max_length)
@@ -105,9 +109,10 @@ async def embeddings(request: EmbeddingRequest, served: ServedHere, http: Reques
 
 
 @router.post("/v1/rerank", response_model=RerankResponse, response_model_exclude_none=True)
-async def rerank(request: RerankRequest, served: ServedHere) -> dict:
+async def rerank(request: RerankRequest, served: ServedHere, http: Request) -> dict:
     """Documents by relevance to the query, highest first (Cohere's and Jina's shape): sigmoid of the
     cross-encoder's logit, as sentence-transformers' CrossEncoder.predict returns it."""
+    _tag(http, served, request.model)
     backend = served.backends.classifier(request.model, "rerank")
     query, documents = validate.rerank(request, served.settings)
     big = len(query) * len(documents) + sum(map(len, documents)) > INLINE_TOKENIZE_CHARS
@@ -118,8 +123,9 @@ async def rerank(request: RerankRequest, served: ServedHere) -> dict:
 
 
 @router.post("/v1/classify", response_model=ClassifyResponse)
-async def classify(request: ClassifyRequest, served: ServedHere) -> dict:
+async def classify(request: ClassifyRequest, served: ServedHere, http: Request) -> dict:
     """Softmax probabilities in label order and the arg-max label (vLLM's shape)."""
+    _tag(http, served, request.model)
     backend = served.backends.classifier(request.model, "classify")
     texts = validate.classify(request, served.settings)
     big = sum(map(len, texts)) > INLINE_TOKENIZE_CHARS
@@ -130,13 +136,13 @@ async def classify(request: ClassifyRequest, served: ServedHere) -> dict:
 
 @router.post("/v1/completions", responses={200: {"description": "text_completion, or SSE chunks if stream"}})
 async def completions(request: CompletionRequest, served: ServedHere, http: Request):
-    _tag(http, request.model)
+    _tag(http, served, request.model)
     return await _generate(served, request, validate.completion(request, served.settings), chat=False)
 
 
 @router.post("/v1/chat/completions", responses={200: {"description": "chat.completion, or SSE chunks if stream"}})
 async def chat_completions(request: ChatCompletionRequest, served: ServedHere, http: Request):
-    _tag(http, request.model)
+    _tag(http, served, request.model)
     return await _generate(served, request, validate.chat(request, served.settings), chat=True)
 
 
@@ -161,7 +167,7 @@ async def _generate(served: Served, request: CompletionRequest | ChatCompletionR
 async def tokenize(request: TokenizeRequest, served: ServedHere, http: Request) -> TokenizeResponse:
     """vLLM's /tokenize: the ids a prompt (or chat messages, through the template) runs as, special tokens
     included; they can be sent back as /v1/embeddings ``input`` or /v1/completions ``prompt``."""
-    _tag(http, request.model)
+    _tag(http, served, request.model)
     tokens = served.backends.tokens(request.model)
     ids = tokens.tokenize(*validate.tokenize(request, served.settings))
     return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=tokens.max_length)

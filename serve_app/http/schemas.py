@@ -133,6 +133,7 @@ class ModelCard(BaseModel):
     dim: int | None = None
     max_length: int | None = None
     family: str
+    artifact: str  # the ONNX file served (model.onnx, model.int8.onnx...)
     parity_max_abs_diff: float
     labels: list[str] | None = None  # rerank and classify models: their labels (rerank: ["score"])
     parity_score_max_abs_diff: float | None = None  # rerank and classify: on sigmoid / softmax
@@ -143,7 +144,7 @@ def model_card(entry: ManifestEntry) -> ModelCard:
     labels = list(entry.metadata.labels) if entry.metadata.kind == "classifier" else None
     score_diff = entry.parity.details.get("score_max_abs_diff")
     return ModelCard(id=entry.id, created=int(entry.created_at), task=entry.task, dim=entry.dim,
-                     max_length=entry.max_length, family=entry.family, labels=labels,
+                     max_length=entry.max_length, family=entry.family, labels=labels, artifact=entry.model_file,
                      parity_max_abs_diff=entry.parity.max_abs_diff,
                      parity_score_max_abs_diff=None if score_diff is None else float(score_diff))
 

@@ -56,7 +56,18 @@ def texts(values: list[str], field: str, settings: ServerSettings, *, allow_empt
             raise InvalidRequest(f"{where} is an empty string", where)
         if len(text) > settings.max_input_chars:
             raise InvalidRequest(f"{where} has {len(text)} characters; at most {settings.max_input_chars}", where)
+        _unicode(text, where)
     return values
+
+
+def _unicode(text: str, where: str) -> None:
+    """JSON can spell a lone UTF-16 surrogate (``"\\ud800"``); no tokenizer takes one."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRequest(f"{where} is not valid Unicode: a lone surrogate at character {exc.start}",
+                                 where) from None
 
 
 def token_lists(values: list[list[int]], field: str, settings: ServerSettings) -> list[list[int]]:

@@ -12,7 +12,7 @@ from contract import manifest
 from contract.config import ModelConfig, ProjectConfig
 from contract.settings import AppConfig, ServerSettings
 from serve_app.app import build
-from tests.tiny import make_tiny_gpt2
+from tests.tiny import make_tiny_gpt2, metric_sum, scrape_until, settled_value
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 MODEL = "tiny-gpt2"
@@ -225,3 +225,20 @@ def test_the_ingress_tokenizes_for_a_generator_and_ids_complete_as_text(server):
     assert back == {"prompt": "Once upon a time"}
     chat = httpx.post(f"{server}/tokenize", json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]})
     assert chat.status_code == 200 and chat.json()["count"] > 1
+
+
+def test_metrics_time_first_and_output_tokens(server):
+    """A streamed completion moves the request counter, and its time to first token and per output token land in
+    the generator replica's series, exported through the same node's agent."""
+    def counted(text, name="ray_onnx_serve_time_to_first_token_seconds_count"):
+        return metric_sum(text, name, model=MODEL)
+
+    def completions(text):
+        return metric_sum(text, "ray_onnx_serve_requests_total", model=MODEL, route="/v1/completions", status="200")
+
+    before, timed = settled_value(server, completions), settled_value(server, counted)
+    _stream_events(server, {"model": MODEL, "prompt": "Hi", "max_tokens": 5, "temperature": 0})
+    text = scrape_until(server, lambda text: counted(text) > timed and completions(text) > before)
+    assert completions(text) == before + 1 and counted(text) == timed + 1 and "ray_serve_" in text
+    assert counted(text, "ray_onnx_serve_time_per_output_token_seconds_count") > 0
+    assert metric_sum(text, "ray_onnx_serve_tokens_total", model=MODEL, kind="completion") >= 5

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from contract.settings import ServerSettings
-from tests.tiny import deploy_minilm
+from tests.tiny import deploy_minilm, metric_sum, scrape_until, settled_value
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 MODEL = "all-MiniLM-L6-v2"
@@ -103,18 +103,15 @@ def test_concurrent_requests_form_batches(server):
 
 
 def test_metrics_answer_ray_serves_series_and_ours(server):
-    """GET /metrics on the HTTP port: the node's metrics agent text, with ray_serve_* and our series (exported
-    every few seconds, so polled)."""
-    import time
+    """GET /metrics on the HTTP port: the node's metrics agent text, with ray_serve_* and our series, the
+    request counter growing with traffic."""
+    def ok_embeddings(text):
+        return metric_sum(text, "ray_onnx_serve_requests_total", model=MODEL, route="/v1/embeddings", status="200")
 
+    before = settled_value(server, ok_embeddings)
     assert httpx.post(f"{server}/v1/embeddings", json={"model": MODEL, "input": "ok"}).status_code == 200
-    deadline, text = time.monotonic() + 60, ""
-    while time.monotonic() < deadline:
-        r = httpx.get(f"{server}/metrics", timeout=10)
-        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-        text = r.text
-        if "onnx_serve_requests" in text and "onnx_serve_batch_requests" in text and "ray_serve_" in text:
-            break
-        time.sleep(2)
-    assert "ray_serve_" in text and "onnx_serve_tokens" in text, text[:2000]
-    assert f'model="{MODEL}"' in text and 'route="/v1/embeddings"' in text
+    text = scrape_until(server, lambda text: ok_embeddings(text) > before)
+    assert ok_embeddings(text) == before + 1 and "ray_serve_" in text, text[:2000]
+    assert metric_sum(text, "ray_onnx_serve_tokens_total", model=MODEL, kind="prompt") > 0
+    assert metric_sum(text, "ray_onnx_serve_queue_wait_seconds_count", model=MODEL) > 0
+    assert metric_sum(text, "ray_onnx_serve_parity_max_abs_diff", model=MODEL) < 1e-3

@@ -106,6 +106,19 @@ def test_malformed_bodies(app, content, headers, status):
     assert "error" in r.json() and "Traceback" not in r.text
 
 
+@pytest.mark.parametrize("url,body,param", [
+    ("/v1/embeddings", {"model": EMBED, "input": ["ok", "a\ud800b"]}, "input[1]"),
+    ("/v1/completions", {"model": GEN, "prompt": "a\udc00", "max_tokens": 2}, "prompt"),
+    ("/v1/chat/completions", {"model": GEN, "messages": [{"role": "user", "content": "\ud800"}]}, "messages"),
+    ("/v1/embeddings", {"model": "\ud800", "input": "x"}, "model"),
+])
+def test_lone_surrogates_are_a_400_naming_the_field(app, url, body, param):
+    """JSON may spell a lone UTF-16 surrogate; no tokenizer takes one (and no UTF-8 body can echo it back)."""
+    r = send(app, "POST", url, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"].startswith(param)
+
+
 def test_a_bad_request_fails_alone_among_concurrent_ones(app, served):
     """Requests are prepared before they join a batch: over-long ones get their 400, their neighbours, batched
     together by the model's batcher, their vectors."""

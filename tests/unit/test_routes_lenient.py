@@ -145,10 +145,14 @@ def test_langchain_embeddings_and_chat_work_as_the_readme_says(app):
     chat = langchain_openai.ChatOpenAI(model=GEN, base_url="http://onnx-serve/v1", api_key="unused", max_tokens=4,
                                        temperature=0, http_async_client=client())
 
-    async def main():
-        return await embeddings.aembed_documents(texts), await chat.ainvoke([("system", "Be brief."), ("human", "Hi")])
+    messages = [("system", "Be brief."), ("human", "Hi")]
 
-    vectors, reply = asyncio.run(main())
+    async def main():
+        streamed = [chunk async for chunk in chat.astream(messages)]
+        return await embeddings.aembed_documents(texts), await chat.ainvoke(messages), streamed
+
+    vectors, reply, chunks = asyncio.run(main())
     direct = send(app, "POST", "/v1/embeddings", json={"model": EMBED, "input": texts}).json()["data"]
     np.testing.assert_allclose(vectors, [d["embedding"] for d in direct], atol=1e-6)
     assert isinstance(reply.content, str) and reply.response_metadata["finish_reason"] == "length"
+    assert len(chunks) > 2 and "".join(chunk.content for chunk in chunks) == reply.content  # greedy: the same text

@@ -80,7 +80,8 @@ class _TextInputModel:
 
 @pytest.fixture(scope="module")
 def text_input_app():
-    card = ModelCard(id="use", created=0, task="embedding", dim=512, family="use", parity_max_abs_diff=0.0)
+    card = ModelCard(id="use", created=0, task="embedding", dim=512, family="use", artifact="model.onnx",
+                     parity_max_abs_diff=0.0)
     return make_app((Backends(embedders={"use": _TextInputModel()}), [card]))
 
 
