@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 import urllib.request
 
 import ray
@@ -25,6 +27,9 @@ def agent_url() -> str | None:
     return None
 
 
+GAUGE_REFRESH_S = 5.0  # Ray's agent drops a gauge value not set again for about 20 s
+
+
 class RayMetrics(Recorder):
     def __init__(self):
         kinds = {"counter": Counter, "histogram": Histogram, "gauge": Gauge}
@@ -33,10 +38,23 @@ class RayMetrics(Recorder):
             extra = {"boundaries": list(buckets)} if buckets else {}
             self.series[name] = kinds[kind](name, doc, tag_keys=labels, **extra)
         self.url: str | None = None
+        self._gauges: dict[tuple[str, tuple], tuple[float, dict[str, str]]] = {}
+        self._refresher: threading.Thread | None = None
 
     def _update(self, name: str, value: float, labels: dict[str, str]) -> None:
         series = self.series[name]
         getattr(series, UPDATE[SERIES[name][0]])(value, labels)
+        if SERIES[name][0] == "gauge":  # kept, and set again while this process lives
+            self._gauges[(name, tuple(sorted(labels.items())))] = (value, labels)
+            if self._refresher is None:
+                self._refresher = threading.Thread(target=self._refresh, name="metrics-gauges", daemon=True)
+                self._refresher.start()
+
+    def _refresh(self) -> None:
+        while True:
+            time.sleep(GAUGE_REFRESH_S)
+            for (name, _), (value, labels) in list(self._gauges.items()):
+                self.series[name].set(value, labels)
 
     async def render(self) -> str:
         """The node agent's text (Ray Serve's series and ours); a comment line when it cannot be reached."""
