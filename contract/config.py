@@ -64,7 +64,10 @@ class ServingOptions(BaseModel):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
     num_gpus: float = Field(0.0, ge=0.0, description="GPU share per replica; fractional allowed.")
-    num_cpus: float = Field(0.5, ge=0.0, description="Logical CPUs reserved; ONNX Runtime threads = max(1, int).")
+    num_cpus: float = Field(0.5, ge=0.0, description="Logical CPUs reserved for each replica (Ray's scheduling).")
+    threads: int | None = Field(None, ge=1, le=256, description="ONNX Runtime intra-op threads per replica. "
+                                "None: int(num_cpus) where num_cpus >= 2; else an encoder replica on a CPU takes "
+                                "its host's cores up to 4 (inference.ort.encoder_threads), any other 1.")
     max_batch_size: int = Field(32, ge=1, le=4096)
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0, description="Extra wait for a batch to fill once "
                                         "the model is free; 0: greedy (requests that came while it ran go next).")
@@ -84,6 +87,12 @@ class ServingOptions(BaseModel):
     stream_interval_s: float = Field(0.02, ge=0.0, le=1.0, description="Generation: the least time between two "
                                      "streamed chunks after the first, which goes at once; a chunk carries every "
                                      "token of its interval. 0: one chunk per decode step.")
+
+
+    @property
+    def configured_threads(self) -> int | None:
+        """``threads``, or what ``num_cpus`` >= 2 implies; None: the replica decides on its host."""
+        return self.threads or (int(self.num_cpus) if self.num_cpus >= 2 else None)
 
 
 class ModelConfig(BaseModel):

@@ -29,9 +29,11 @@ class ServerSettings(BaseModel):
                                    "one embedder: each call costs the embedder's one event loop the same Serve "
                                    "overhead whatever its size, so fewer, larger calls serve more (BENCHMARKS.md, "
                                    "bench/gpu_http.py); two keep the next call queued while one runs.")
-    embed_in_ingress: bool = Field(False, description="Each ingress replica loads the embedding models itself "
-                                   "(with their serving.num_gpus / num_cpus added to its own): no embedder "
-                                   "deployment, one hop fewer per request. Generation stays a deployment.")
+    embed_in_ingress: bool | None = Field(None, description="Each ingress replica loads the embedding models "
+                                          "itself (with their serving.num_gpus / num_cpus added to its own): no "
+                                          "embedder deployment, one hop fewer per request. Generation stays a "
+                                          "deployment. None: `serve run serve_app:graph` decides (yes on a small "
+                                          "CPU host: serve_app.app.SMALL_HOST_CPUS); build() takes None as no.")
 
 
 class AppConfig(BaseModel):

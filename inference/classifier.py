@@ -75,7 +75,7 @@ class ClassifierSession:
         self.preparer = PairPreparer.from_entry(entry, root, truncate)
         eps = providers(use_gpu)
         self.session = ort.InferenceSession(str(entry.model_path(root)),
-                                            options or session_options(threads, eps), providers=eps)
+                                            options or session_options(threads, eps, spin=False), providers=eps)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def run(self, items: list[Prepared]) -> np.ndarray:

@@ -123,7 +123,7 @@ class EncoderSession:
         self.model_id, self.dim, self.max_length = entry.id, entry.dim, entry.max_length
         self.mode, self.normalize, self.pad_id = meta.mode, meta.normalize, meta.pad_token_id
         eps = providers(use_gpu)
-        options = session_options(threads, eps, gemm_auto_tune=gemm_auto_tune)
+        options = session_options(threads, eps, gemm_auto_tune=gemm_auto_tune, spin=False)
         self.session, self.graphs = self._load(entry.model_path(root), options, eps, cuda_graphs)
         if self.graphs is not None:
             self.graphs.inline_tokens = inline_run_tokens

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -109,20 +110,20 @@ def build(app_config: AppConfig, entries: dict[str, manifest.ManifestEntry]) -> 
         cards.append(model_card(entry))
         dumped = entry.model_dump(mode="json")
         if cfg.task is Task.embedding and server.embed_in_ingress:
-            embedders[cfg.id] = InIngressEmbedder(dumped, root, cfg.truncate, serving.num_cpus,
+            embedders[cfg.id] = InIngressEmbedder(dumped, root, cfg.truncate, serving.configured_threads,
                                                   serving.cuda_graphs, serving.gemm_auto_tune, user_config(cfg))
             gpus, cpus = gpus + serving.num_gpus, cpus + serving.num_cpus
         elif cfg.task is Task.embedding:
             handle = Embedder.options(**deployment_options(cfg, f"embed-{cfg.id}")).bind(
-                dumped, root, cfg.truncate, serving.num_cpus, serving.cuda_graphs, serving.gemm_auto_tune)
+                dumped, root, cfg.truncate, serving.configured_threads, serving.cuda_graphs, serving.gemm_auto_tune)
             embedders[cfg.id] = DeployedEmbedder(handle, dumped, root, cfg.truncate, merge=serving.max_batch_size > 1)
         elif cfg.task in SCORING_TASKS:
             handle = Classifier.options(**deployment_options(cfg, f"{cfg.task.value}-{cfg.id}")).bind(
-                dumped, root, cfg.truncate, serving.num_cpus)
+                dumped, root, cfg.truncate, serving.configured_threads)
             classifiers[cfg.id] = DeployedClassifier(handle, dumped, root, cfg.truncate)
         else:
             handle = Generator.options(**deployment_options(cfg, f"generate-{cfg.id}")).bind(
-                dumped, root, serving.num_cpus, serving.continuous_batching, serving.stream_interval_s,
+                dumped, root, serving.configured_threads, serving.continuous_batching, serving.stream_interval_s,
                 serving.gemm_auto_tune)
             generators[cfg.id] = DeployedGenerator(handle, dumped, root)
     actor = {"num_cpus": cpus, **({"num_gpus": gpus} if gpus else {})}
@@ -135,6 +136,22 @@ def graph(args: AppArgs) -> Application:
     """Ray Serve application builder: ``serve run serve_app:graph``."""
     if isinstance(args, dict):  # called directly from Python
         args = AppArgs.model_validate(args)
-    app_config = load_app_config(args.config, args.artifacts)
+    app_config = for_this_host(load_app_config(args.config, args.artifacts))
     entries = ensure_artifacts(app_config, args.export)
     return build(app_config, entries)
+
+
+SMALL_HOST_CPUS = 4
+
+
+def for_this_host(app_config: AppConfig) -> AppConfig:
+    """What the models file leaves open, decided for the host that runs ``serve run``: on a small CPU host (at
+    most SMALL_HOST_CPUS cores, no embedding model on a GPU) the ingress holds the embedding models, since the hop
+    to an embedder replica costs as much CPU as the model (BENCHMARKS.md, "Small CPU hosts")."""
+    server = app_config.server
+    if server.embed_in_ingress is not None:
+        return app_config
+    gpus = any(cfg.serving.num_gpus for cfg in app_config.project.models if cfg.task is Task.embedding)
+    small = not gpus and (os.cpu_count() or 1) <= SMALL_HOST_CPUS
+    logger.info("embed_in_ingress=%s (%d CPUs, embedding on a GPU: %s)", small, os.cpu_count() or 1, gpus)
+    return app_config.model_copy(update={"server": server.model_copy(update={"embed_in_ingress": small})})

@@ -16,6 +16,7 @@ import numpy as np
 from contract import manifest
 from inference.classifier import ClassifierSession
 from inference.encoder import Prepared
+from inference.ort import encoder_threads
 
 from ..batching import GreedyBatcher, rows_per_request
 
@@ -26,11 +27,11 @@ Request = Sequence[Prepared]
 
 class ClassifierModel:
     def __init__(self, entry: dict[str, Any] | manifest.ManifestEntry, root: str, *, truncate: bool = True,
-                 use_gpu: bool = False, num_cpus: float = 1.0):
+                 use_gpu: bool = False, threads: int | None = None):
         parsed = manifest.ManifestEntry.model_validate(entry)
         manifest.verify(root, parsed)  # never serve files that differ from what passed the gate
         self.session = ClassifierSession(parsed, root, truncate=truncate, use_gpu=use_gpu,
-                                         threads=int(max(1, num_cpus)))
+                                         threads=encoder_threads(threads, use_gpu))
         self.model_id, self.task, self.labels = parsed.id, parsed.task, self.session.labels
         self.max_tokens = MAX_TOKENS_PER_RUN
         self.batcher = GreedyBatcher(self._run_batch, max_batch_size=32, weight=len)

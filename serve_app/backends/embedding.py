@@ -17,7 +17,7 @@ import numpy as np
 
 from contract import manifest
 from inference.encoder import EncoderSession
-from inference.ort import providers
+from inference.ort import encoder_threads, providers
 
 from ..batching import GreedyBatcher, rows_per_request
 
@@ -28,10 +28,10 @@ Request = Sequence[Any]  # one request's prepared items (inference.encoder.Prepa
 
 class EmbeddingModel:
     def __init__(self, entry: dict[str, Any] | manifest.ManifestEntry, root: str, *, truncate: bool = False,
-                 use_gpu: bool = False, num_cpus: float = 1.0, cuda_graphs: bool = True, gemm_auto_tune: bool = True):
+                 use_gpu: bool = False, threads: int | None = None, cuda_graphs: bool = True, gemm_auto_tune: bool = True):
         parsed = manifest.ManifestEntry.model_validate(entry)
         manifest.verify(root, parsed)  # never serve files that differ from what passed the gate
-        threads = int(max(1, num_cpus))
+        threads = encoder_threads(threads, use_gpu)
         if parsed.input_kind == "text":  # tokenizer inside the graph (TensorFlow string ops)
             from inference.string_encoder import TextInputEncoder
 

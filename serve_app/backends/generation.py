@@ -21,12 +21,12 @@ _DONE = object()
 
 class GenerationModel:
     def __init__(self, entry: dict[str, Any] | manifest.ManifestEntry, root: str, *, use_gpu: bool = False,
-                 num_cpus: float = 1.0, continuous: bool = False, stream_interval_s: float = 0.0,
+                 threads: int | None = None, continuous: bool = False, stream_interval_s: float = 0.0,
                  gemm_auto_tune: bool = True):
         parsed = manifest.ManifestEntry.model_validate(entry)
         manifest.verify(root, parsed)
         self.model_id = parsed.id
-        self.runtime = TextGenerator(parsed, root, use_gpu=use_gpu, threads=int(max(1, num_cpus)),
+        self.runtime = TextGenerator(parsed, root, use_gpu=use_gpu, threads=threads or 1,
                                      continuous=continuous, stream_interval_s=stream_interval_s,
                                      gemm_auto_tune=gemm_auto_tune)
         # Each stream's next step runs in this pool. With continuous batching a stream's thread only waits for the

@@ -22,7 +22,7 @@ class InIngressEmbedder:
     entry: dict[str, Any]
     root: str
     truncate: bool = False
-    num_cpus: float = 1.0
+    threads: int | None = None
     cuda_graphs: bool = True
     gemm_auto_tune: bool = True
     user_config: dict[str, Any] = field(default_factory=dict)
@@ -31,7 +31,7 @@ class InIngressEmbedder:
         from .embedding import EmbeddingModel
 
         model = EmbeddingModel(self.entry, self.root, truncate=self.truncate, use_gpu=use_gpu,
-                               num_cpus=self.num_cpus, cuda_graphs=self.cuda_graphs,
+                               threads=self.threads, cuda_graphs=self.cuda_graphs,
                                gemm_auto_tune=self.gemm_auto_tune)
         model.configure(self.user_config)
         return model

@@ -14,9 +14,9 @@ from .metrics import RayMetrics
 
 @serve.deployment(name="Classifier")
 class Classifier:
-    def __init__(self, entry: dict[str, Any], root: str, truncate: bool = True, num_cpus: float = 1.0):
+    def __init__(self, entry: dict[str, Any], root: str, truncate: bool = True, threads: int | None = None):
         self.model = ClassifierModel(entry, root, truncate=truncate, use_gpu=bool(ray.get_gpu_ids()),
-                                     num_cpus=num_cpus)
+                                     threads=threads)
         self.model.observe(RayMetrics())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:

@@ -14,10 +14,10 @@ from .metrics import RayMetrics
 
 @serve.deployment(name="Embedder")
 class Embedder:
-    def __init__(self, entry: dict[str, Any], root: str, truncate: bool = False, num_cpus: float = 1.0,
+    def __init__(self, entry: dict[str, Any], root: str, truncate: bool = False, threads: int | None = None,
                  cuda_graphs: bool = True, gemm_auto_tune: bool = True):
         self.model = EmbeddingModel(entry, root, truncate=truncate, use_gpu=bool(ray.get_gpu_ids()),
-                                    num_cpus=num_cpus, cuda_graphs=cuda_graphs, gemm_auto_tune=gemm_auto_tune)
+                                    threads=threads, cuda_graphs=cuda_graphs, gemm_auto_tune=gemm_auto_tune)
         self.model.observe(RayMetrics())  # batch sizes and queue waits, tagged with the model
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:

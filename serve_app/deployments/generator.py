@@ -16,9 +16,9 @@ from .metrics import RayMetrics
 
 @serve.deployment(name="Generator")
 class Generator:
-    def __init__(self, entry: dict[str, Any], root: str, num_cpus: float = 1.0, continuous: bool = False,
+    def __init__(self, entry: dict[str, Any], root: str, threads: int | None = None, continuous: bool = False,
                  stream_interval_s: float = 0.0, gemm_auto_tune: bool = True):
-        self.model = GenerationModel(entry, root, use_gpu=bool(ray.get_gpu_ids()), num_cpus=num_cpus,
+        self.model = GenerationModel(entry, root, use_gpu=bool(ray.get_gpu_ids()), threads=threads,
                                      continuous=continuous, stream_interval_s=stream_interval_s,
                                      gemm_auto_tune=gemm_auto_tune)
         self.model.observe(RayMetrics())

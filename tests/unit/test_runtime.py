@@ -65,3 +65,38 @@ def test_gemm_auto_tune_is_asked_of_cuda_sessions_only():
     for options in (session_options(1, ["CPUExecutionProvider"]), session_options(1, CUDA, gemm_auto_tune=False)):
         with pytest.raises(RuntimeError, match="does not have configuration"):
             options.get_session_config_entry(key)
+
+
+def test_encoder_replicas_take_the_small_hosts_cores_without_spinning(tiny, monkeypatch):
+    """An encoder replica on a CPU takes its host's cores (up to 4) unless configured, and its idle intra-op
+    threads sleep: the HTTP path shares those cores (BENCHMARKS.md, "Small CPU hosts")."""
+    import os
+
+    from inference.ort import AUTO_CPU_THREADS, encoder_threads
+
+    assert encoder_threads(3, use_gpu=False) == 3 and encoder_threads(None, use_gpu=True) == 1
+    assert encoder_threads(None, use_gpu=False) == min(os.cpu_count(), AUTO_CPU_THREADS)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert encoder_threads(None, use_gpu=False) == AUTO_CPU_THREADS
+    session = EncoderSession(*tiny, threads=2).session
+    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert session.get_session_options().intra_op_num_threads == 2
+
+
+def test_serve_run_embeds_in_the_ingress_on_a_small_cpu_host(monkeypatch):
+    """`serve run serve_app:graph` decides what the models file leaves open for the host it runs on."""
+    import os
+
+    from contract.config import ModelConfig, ProjectConfig, ServingOptions
+    from contract.settings import AppConfig, ServerSettings
+    from serve_app.app import SMALL_HOST_CPUS, for_this_host
+
+    def decided(cpus: int, num_gpus: float = 0.0, **server) -> bool:
+        monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+        model = ModelConfig(id="m", source="x/y", serving=ServingOptions(num_gpus=num_gpus))
+        config = AppConfig(project=ProjectConfig(artifacts="a", models=(model,)), server=ServerSettings(**server))
+        return for_this_host(config).server.embed_in_ingress
+
+    assert decided(2) is True and decided(SMALL_HOST_CPUS) is True
+    assert decided(SMALL_HOST_CPUS + 1) is False and decided(2, num_gpus=0.5) is False
+    assert decided(2, embed_in_ingress=False) is False and decided(64, embed_in_ingress=True) is True
