@@ -55,5 +55,8 @@ bench: install
 clean:
 	rm -rf $(ARTIFACTS)
 
-serve-config:  # regenerate serve_config.yaml (the cluster's Serve config) from deploy/models.yaml
+# serve_config.yaml: the cluster's Serve config, from deploy/models.yaml.
+# deploy/serve_local.yaml: one machine's, the default models (what `make serve` serves) from this checkout's artifacts/.
+serve-config:
 	$(RUN) -m serve_app.build_config serve_config.yaml --config deploy/models.yaml --deployed-config /home/ray/deploy/models.yaml
+	$(RUN) -m serve_app.build_config deploy/serve_local.yaml --paths-from checkout --http-host 127.0.0.1

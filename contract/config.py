@@ -162,6 +162,9 @@ class ProjectConfig(BaseModel):
 
     artifacts: str = "artifacts"
     models: tuple[ModelConfig, ...] = Field(min_length=1)
+    keep_versions: int = Field(2, ge=1, description="Artifact versions kept per model after a re-export, the "
+                               "served one included: two let replicas of the app built on the previous version "
+                               "still start (they verify its files) until it is redeployed.")
 
     @field_validator("models")
     @classmethod

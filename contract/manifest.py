@@ -1,8 +1,10 @@
 """The contract between export and serving: an artifact directory and its manifest.
 
 A manifest entry exists only for an export that passed its parity gate. Files are written into a
-staging directory, checked, then moved into place with one rename; the manifest itself is replaced
-atomically under a file lock. A crash at any point leaves the previous entry and files intact.
+staging directory, checked, then moved into place with one rename, as a new version directory
+(``<id>/<UTC time>-<suffix>``) beside the older ones; the manifest itself is replaced atomically under a
+file lock, and only then are versions past the newest few removed. A crash at any point leaves the
+previous entry and files intact.
 No torch, no Ray here: serving replicas import this module.
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -25,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 logger = logging.getLogger("contract")
 MANIFEST_NAME = "manifest.json"
 STAGING_DIR = ".staging"
+VERSION_NAME = re.compile(r"\d{8}-\d{6}")  # how publish names a version directory: it sorts by time
 
 
 class FileInfo(BaseModel):
@@ -205,9 +209,15 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def commit(root: str | Path, entry: ManifestEntry) -> None:
-    """Record ``entry`` (whose files are already in place) as the served version of its model."""
+def commit(root: str | Path, entry: ManifestEntry, keep: int | None = None) -> list[str]:
+    """Record ``entry`` (whose files are already in place) as the served version of its model.
+
+    ``keep``: then remove the model's version directories past the newest ``keep`` (the one just recorded
+    always stays), and return them. Only after the switch: a replica built on the previous entry can still
+    start and verify its files while that version is kept. None keeps every version."""
     root = Path(root)
+    if keep is not None and keep < 1:
+        raise ValueError(f"keep must be at least 1, not {keep}")
     if not entry.model_path(root).is_file():
         raise ManifestError(f"{entry.id}: {entry.model_file} missing in {entry.directory}")
     with _locked(root):
@@ -215,6 +225,25 @@ def commit(root: str | Path, entry: ManifestEntry) -> None:
         entries[entry.id] = entry
         payload = {"version": 1, "models": {k: v.model_dump(mode="json") for k, v in sorted(entries.items())}}
         _atomic_write_text(root / MANIFEST_NAME, json.dumps(payload, indent=2) + "\n")
+        return _prune(root, entry, keep) if keep is not None else []
+
+
+def versions(root: str | Path, model_id: str) -> list[str]:
+    """The model's version directories, oldest first (publish names them by UTC time)."""
+    base = Path(root) / model_id
+    if not base.is_dir():
+        return []
+    return sorted(p.name for p in base.iterdir() if p.is_dir() and VERSION_NAME.match(p.name))
+
+
+def _prune(root: Path, entry: ManifestEntry, keep: int) -> list[str]:
+    current = Path(entry.directory).name
+    others = [name for name in versions(root, entry.id) if name != current]
+    removed = others[:max(0, len(others) - (keep - 1))]
+    for name in removed:
+        shutil.rmtree(root / entry.id / name, ignore_errors=True)
+        logger.info("%s: removed artifact version %s (keeping the newest %d)", entry.id, name, keep)
+    return [f"{entry.id}/{name}" for name in removed]
 
 
 def verify(root: str | Path, entry: ManifestEntry, only: set[str] | None = None) -> None:
@@ -237,7 +266,9 @@ def new_staging(root: str | Path, model_id: str) -> Path:
 
 def publish(root: str | Path, model_id: str, staging: Path) -> str:
     """Move a checked staging directory into place; returns its path relative to ``root``."""
-    version = time.strftime("%Y%m%d-%H%M%S") + "-" + staging.name.rsplit("-", 1)[-1]
+    now = time.time()  # UTC, to the microsecond: the names sort in publish order (versions, _prune)
+    version = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}.{int(now % 1 * 1e6):06d}-" \
+              + staging.name.rsplit("-", 1)[-1]
     final = Path(root) / model_id / version
     final.parent.mkdir(parents=True, exist_ok=True)
     os.rename(staging, final)

@@ -1,6 +1,7 @@
 """Typed application configuration: the models file plus server limits, checked when the app is built."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -19,7 +20,14 @@ class ServerSettings(BaseModel):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     request_timeout_s: float = Field(60.0, gt=0)
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a completion may ask for.")
-    api_keys: tuple[str, ...] = Field((), description="Bearer tokens accepted on /v1/*; empty: no auth.")
+    api_keys: tuple[str, ...] = Field((), description="Bearer tokens accepted on /v1/*; with api_keys_env and "
+                                      "api_keys_file all empty: no auth.")
+    api_keys_env: str | None = Field(None, min_length=1, description="Name of an environment variable of the "
+                                     "ingress replicas holding more keys, comma- or newline-separated: the keys "
+                                     "stay out of the models file and the Serve config.")
+    api_keys_file: str | None = Field(None, min_length=1, description="Path, on the ingress replicas' nodes, of a "
+                                      "file of more keys (a mounted secret): one per line, blank lines and # "
+                                      "comments ignored.")
     max_ongoing_requests: int = Field(1024, ge=1)
     max_queued_requests: int = Field(2048, ge=-1)
     num_cpus: float = Field(0.25, ge=0.0, description="Logical CPUs each ingress replica reserves.")
@@ -34,6 +42,44 @@ class ServerSettings(BaseModel):
                                           "embedder deployment, one hop fewer per request. Generation stays a "
                                           "deployment. None: `serve run serve_app:graph` decides (yes on a small "
                                           "CPU host: serve_app.app.SMALL_HOST_CPUS); build() takes None as no.")
+
+
+    def accepted_keys(self) -> tuple[str, ...]:
+        """Every accepted bearer token: ``api_keys`` plus the env var's and the file's, read now, in the process
+        that checks them (the ingress replica, where the secret is mounted). A source that is named but missing
+        or empty raises: serving with no auth because a secret was not mounted must not pass silently."""
+        keys = list(self.api_keys)
+        if self.api_keys_env:
+            keys += _env_keys(self.api_keys_env)
+        if self.api_keys_file:
+            keys += _file_keys(self.api_keys_file)
+        return tuple(dict.fromkeys(keys))
+
+
+class ApiKeysUnavailable(RuntimeError):
+    """server.api_keys_env or server.api_keys_file names a source that gives no keys."""
+
+
+def _env_keys(name: str) -> list[str]:
+    value = os.environ.get(name)
+    if value is None:
+        raise ApiKeysUnavailable(f"server.api_keys_env: environment variable {name} is not set")
+    keys = [k.strip() for k in value.replace("\n", ",").split(",") if k.strip()]
+    if not keys:
+        raise ApiKeysUnavailable(f"server.api_keys_env: environment variable {name} holds no keys")
+    return keys
+
+
+def _file_keys(path: str) -> list[str]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ApiKeysUnavailable(f"server.api_keys_file: cannot read {path}: {exc}") from exc
+    keys = [line.strip() for line in text.splitlines()]
+    keys = [k for k in keys if k and not k.startswith("#")]
+    if not keys:
+        raise ApiKeysUnavailable(f"server.api_keys_file: {path} holds no keys")
+    return keys
 
 
 class AppConfig(BaseModel):

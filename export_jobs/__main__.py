@@ -1,4 +1,7 @@
-"""``python -m export_jobs [--config models.yaml] [--artifacts DIR] [--only ID ...] [--force]``"""
+"""``python -m export_jobs [--config models.yaml] [--artifacts DIR] [--only ID ...] [--force] [--keep-versions N]``
+
+A re-export writes a new version directory beside the served one and switches the manifest to it; then
+versions past the newest N (models file ``keep_versions``, default 2) are removed."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifacts", help="artifact directory (overrides the config's)")
     parser.add_argument("--only", nargs="+", metavar="ID", help="export only these model ids")
     parser.add_argument("--force", action="store_true", help="export even when the manifest is current")
+    parser.add_argument("--keep-versions", type=int, metavar="N",
+                        help="artifact versions kept per model, the served one included (overrides the config's)")
     parser.add_argument("--gpus-per-task", type=float, default=None,
                         help="GPUs each export asks for (default: 1 if the live cluster has GPUs, else 0)")
     parser.add_argument("--address", help="Ray cluster address (default: start or join a local one)")
@@ -20,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     config = ProjectConfig.from_yaml(args.config) if args.config else default_config()
     if args.artifacts:
         config = config.model_copy(update={"artifacts": args.artifacts})
+    if args.keep_versions is not None:
+        config = ProjectConfig.model_validate({**config.model_dump(), "keep_versions": args.keep_versions})
     import ray
 
     from .run import export_models

@@ -113,7 +113,7 @@ def export_models(config: ProjectConfig, *, only: Iterable[str] | None = None, f
         except Exception as exc:  # the worker process died (OOM, segfault): report, keep going
             result = ExportResult(model_id, "failed", error=f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
         if result.status == "ok":
-            manifest.commit(root, manifest.ManifestEntry.model_validate(result.entry))
+            manifest.commit(root, manifest.ManifestEntry.model_validate(result.entry), keep=config.keep_versions)
         results.append(result)
         _say(out, f"[{total - len(pending)}/{total}] {model_id}: {result.status} "
                   f"({result.seconds:.1f} s){' - ' + result.error if result.error else ''}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 from ray.serve import Application
@@ -18,13 +18,20 @@ logger = logging.getLogger("serve_app")
 
 
 class AppArgs(BaseModel):
-    """Arguments of ``serve run serve_app:graph [config=models.yaml] [artifacts=DIR] [export=false]``."""
+    """Arguments of ``serve run serve_app:graph [config=models.yaml] [artifacts=DIR] [export=false]``.
+
+    ``paths_from``: what a relative ``config`` or artifacts directory is relative to. ``cwd``: the builder's
+    working directory (``serve run`` builds in the process you started). ``checkout``: the source checkout
+    ``serve_app`` is imported from (``pip install -e .``), whatever directory Ray started the builder in;
+    ``serve deploy`` runs the builder as a Ray task, and a committed config cannot hold this machine's
+    absolute path (deploy/serve_local.yaml)."""
 
     model_config = ConfigDict(extra="forbid")
 
     config: str | None = None
     artifacts: str | None = None
     export: bool = True
+    paths_from: Literal["cwd", "checkout"] = "cwd"
 
 
 class MissingArtifactError(RuntimeError):
@@ -132,11 +139,30 @@ def build(app_config: AppConfig, entries: dict[str, manifest.ManifestEntry]) -> 
     return ingress.bind(cards, server.model_dump(mode="json"), embedders, generators, classifiers)
 
 
+def checkout_root() -> Path:
+    """The repository checkout this package is imported from: where ``make serve`` writes ``artifacts/``."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").is_file():
+        raise ValueError(f"paths_from: checkout needs serve_app imported from a source checkout (pip install -e .); "
+                         f"it is imported from {root}")
+    return root
+
+
+def app_config_of(args: AppArgs) -> AppConfig:
+    """The models file and artifacts directory the args name, relative paths resolved as ``paths_from`` says."""
+    if args.paths_from == "cwd":
+        return load_app_config(args.config, args.artifacts)
+    root = checkout_root()
+    app_config = load_app_config(str(root / args.config) if args.config else None, args.artifacts)
+    project = app_config.project.model_copy(update={"artifacts": str(root / app_config.project.artifacts)})
+    return app_config.model_copy(update={"project": project})
+
+
 def graph(args: AppArgs) -> Application:
     """Ray Serve application builder: ``serve run serve_app:graph``."""
     if isinstance(args, dict):  # called directly from Python
         args = AppArgs.model_validate(args)
-    app_config = for_this_host(load_app_config(args.config, args.artifacts))
+    app_config = for_this_host(app_config_of(args))
     entries = ensure_artifacts(app_config, args.export)
     return build(app_config, entries)
 

@@ -1,7 +1,9 @@
 """Write the Ray Serve config (what ``serve build`` writes) for a models file, without exporting.
 
 ``python -m serve_app.build_config serve_config.yaml --config models.cluster.yaml
---deployed-config /home/ray/models.yaml``
+--deployed-config /home/ray/models.yaml``: a cluster's config.
+``python -m serve_app.build_config deploy/serve_local.yaml --paths-from checkout --http-host 127.0.0.1``:
+one machine's, the default models (what ``make serve`` serves) from ``artifacts/`` of the checkout.
 
 ``serve build`` cannot do this itself: it imports an ``Application`` while ``serve_app:graph`` is a
 builder that needs a manifest (it exports what is missing). Here the same :func:`serve_app.app.build`
@@ -27,8 +29,6 @@ from .app import AppArgs, build
 
 APP_NAME = "onnx-serve"
 IMPORT_PATH = "serve_app:graph"
-REGENERATE = ("python -m serve_app.build_config {out} --config {config} --deployed-config {deployed}"
-              "{export}")
 
 
 def _placeholder(cfg: ModelConfig) -> manifest.ManifestEntry:
@@ -60,23 +60,25 @@ def application_schema(app_config: AppConfig, args: AppArgs) -> dict[str, Any]:
     return schema.model_dump(exclude_unset=True)
 
 
-def render(config: str, deployed_config: str, export: bool = False, out: str = "serve_config.yaml") -> str:
-    """The YAML text, with a header that says how to regenerate it (same layout as ``serve build``)."""
+def render(config: str | None, deployed_config: str | None, export: bool = False, out: str = "serve_config.yaml",
+           paths_from: str = "cwd", http_host: str = "0.0.0.0") -> str:
+    """The YAML text, with a header that says how to regenerate it (same layout as ``serve build``).
+    ``config`` None: the default models."""
     import ray
     from ray.serve.schema import LoggingConfig, ServeDeploySchema
     from ray.serve.scripts import ServeDeploySchemaDumper
 
     app_config = load_app_config(config)
-    args = AppArgs(config=deployed_config, artifacts=app_config.project.artifacts, export=export)
+    args = AppArgs(config=deployed_config, artifacts=app_config.project.artifacts, export=export,
+                   paths_from=paths_from)
     deploy_config = {
         "proxy_location": "EveryNode",
-        "http_options": {"host": "0.0.0.0", "port": 8000},
+        "http_options": {"host": http_host, "port": 8000},
         "logging_config": LoggingConfig().model_dump(),
         "applications": [application_schema(app_config, args)],
     }
     ServeDeploySchema.model_validate(deploy_config)
-    command = REGENERATE.format(out=out, config=config, deployed=deployed_config,
-                                export=" --export" if export else "")
+    command = _command(config, deployed_config, export, out, paths_from, http_host)
     header = (f"# Generated on Ray v{ray.__version__} by `make serve-config`; do not edit by hand.\n"
               f"#   {command}\n"
               f"# Deploy: serve deploy {out}  (from a machine that reaches the head's dashboard)\n\n")
@@ -85,23 +87,51 @@ def render(config: str, deployed_config: str, export: bool = False, out: str = "
     return header + body.rstrip("\n") + "\n"
 
 
+def _command(config, deployed_config, export, out, paths_from, http_host) -> str:
+    """The command line that writes this file again; tests/integration/test_cluster.py runs it."""
+    words = ["python -m serve_app.build_config", out]
+    if config:
+        words += ["--config", config]
+    if deployed_config and deployed_config != config:
+        words += ["--deployed-config", deployed_config]
+    if paths_from != "cwd":
+        words += ["--paths-from", paths_from]
+    if http_host != "0.0.0.0":
+        words += ["--http-host", http_host]
+    if export:
+        words.append("--export")
+    return " ".join(words)
+
+
+def render_args(args: argparse.Namespace) -> str:
+    """:func:`render` for parsed command-line arguments."""
+    return render(args.config, args.deployed_config or args.config, args.export,
+                  out=args.out if args.out != "-" else "serve_config.yaml", paths_from=args.paths_from,
+                  http_host=args.http_host)
+
+
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m serve_app.build_config", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", help="where to write the Serve config (e.g. serve_config.yaml); - for stdout")
-    parser.add_argument("--config", required=True, help="models YAML file read here")
+    parser.add_argument("--config", help="models YAML file read here (default: the default models, what "
+                                          "`make serve` serves)")
     parser.add_argument("--deployed-config",
                         help="path of the same models file on the cluster nodes (default: --config)")
     parser.add_argument("--export", action="store_true",
                         help="let the builder export missing models on deploy (default: export=false, "
                              "run `python -m export_jobs` first)")
+    parser.add_argument("--paths-from", choices=("cwd", "checkout"), default="cwd",
+                        help="what relative config and artifacts paths are relative to on deploy: the builder's "
+                             "working directory, or the source checkout serve_app is imported from")
+    parser.add_argument("--http-host", default="0.0.0.0",
+                        help="address Serve's proxy binds (default 0.0.0.0: a cluster behind a load balancer)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    text = render(args.config, args.deployed_config or args.config, args.export,
-                  out=args.out if args.out != "-" else "serve_config.yaml")
+    text = render_args(args)
     if args.out == "-":
         sys.stdout.write(text)
     else:

@@ -28,6 +28,7 @@ class Ingress:
                  embedders: dict[str, DeployedEmbedder | InIngressEmbedder],
                  generators: dict[str, DeployedGenerator], classifiers: dict[str, DeployedClassifier] | None = None):
         self.settings = ServerSettings.model_validate(settings)
+        self.settings.accepted_keys()  # a named key secret that is not mounted here fails the replica, before loading
         self.cards = cards
         use_gpu = bool(ray.get_gpu_ids())  # models held here (embed_in_ingress) get the replica's GPU share
         self.backends = Backends(

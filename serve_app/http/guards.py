@@ -1,6 +1,7 @@
 """ASGI guards in front of the routes: request body size cap and optional bearer-token auth."""
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 
@@ -25,15 +26,21 @@ class GuardMiddleware:
     """Refuses oversized bodies (413) before they are parsed and unauthenticated API calls (401)."""
 
     def __init__(self, app, max_body_bytes: int, api_keys: tuple[str, ...] = ()):
-        self.app, self.max_body_bytes, self.api_keys = app, max_body_bytes, api_keys
+        self.app, self.max_body_bytes = app, max_body_bytes
+        self.key_digests = tuple(_digest(key.encode()) for key in api_keys)
 
     def _authorized(self, scope) -> bool:
-        if not self.api_keys or not scope["path"].startswith(GUARDED):
+        if not self.key_digests or not scope["path"].startswith(GUARDED):
             return True
         headers = dict(scope.get("headers") or [])
-        auth = headers.get(b"authorization", b"").decode("latin-1")
-        token = auth[7:] if auth[:7].lower() == "bearer " else ""
-        return any(hmac.compare_digest(token.encode(), key.encode()) for key in self.api_keys)
+        auth = headers.get(b"authorization", b"")
+        token = _digest(auth[7:] if auth[:7].lower() == b"bearer " else b"")
+        # Every key is compared, in constant time over equal-length digests: the reply time tells neither
+        # which key came close nor how long the keys are.
+        matched = False
+        for key in self.key_digests:
+            matched |= hmac.compare_digest(token, key)
+        return matched
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -60,6 +67,10 @@ class GuardMiddleware:
             await self.app(scope, counted_receive, send)
         except _BodyTooLarge:
             await _reply(send, PayloadTooLarge(f"request body over {limit} bytes"))
+
+
+def _digest(value: bytes) -> bytes:
+    return hashlib.sha256(value).digest()
 
 
 class _BodyTooLarge(Exception):

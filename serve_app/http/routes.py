@@ -66,7 +66,7 @@ def create_app(backends: Backends, cards: list[ModelCard], settings: ServerSetti
     backends.observe(metrics)
     for card in cards:
         metrics.served(card.id, card.artifact, card.parity_max_abs_diff)
-    app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, api_keys=settings.api_keys)
+    app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, api_keys=settings.accepted_keys())
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: refused requests count too
     app.state.served = Served(backends, {card.id: card for card in cards}, settings, metrics)
     app.include_router(router)

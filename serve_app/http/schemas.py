@@ -2,6 +2,7 @@
 shape, classify in vLLM's."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -134,6 +135,7 @@ class ModelCard(BaseModel):
     max_length: int | None = None
     family: str
     artifact: str  # the ONNX file served (model.onnx, model.int8.onnx...)
+    version: str | None = None  # its version directory (UTC publish time): a re-export changes it
     parity_max_abs_diff: float
     labels: list[str] | None = None  # rerank and classify models: their labels (rerank: ["score"])
     parity_score_max_abs_diff: float | None = None  # rerank and classify: on sigmoid / softmax
@@ -145,6 +147,7 @@ def model_card(entry: ManifestEntry) -> ModelCard:
     score_diff = entry.parity.details.get("score_max_abs_diff")
     return ModelCard(id=entry.id, created=int(entry.created_at), task=entry.task, dim=entry.dim,
                      max_length=entry.max_length, family=entry.family, labels=labels, artifact=entry.model_file,
+                     version=Path(entry.directory).name,
                      parity_max_abs_diff=entry.parity.max_abs_diff,
                      parity_score_max_abs_diff=None if score_diff is None else float(score_diff))
 

@@ -20,6 +20,8 @@ from tests.tiny import export_tiny_berts, free_port, private_cluster
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_FILES = ("cluster.yaml", "cluster.local.yaml")
 SERVE_CONFIG = ROOT / "serve_config.yaml"
+SERVE_LOCAL = ROOT / "deploy" / "serve_local.yaml"  # one machine: `ray start --head`, `serve deploy` it
+SERVE_CONFIGS = (SERVE_CONFIG, SERVE_LOCAL)
 
 
 def _load(name: str) -> dict:
@@ -40,9 +42,9 @@ def _pinned_ray_version() -> str:
     return text.split('"ray[serve]==', 1)[1].split('"', 1)[0]
 
 
-def _regenerate_argv() -> list[str]:
-    """The command in serve_config.yaml's header, as argv for serve_app.build_config."""
-    line = SERVE_CONFIG.read_text(encoding="utf-8").splitlines()[1]
+def _regenerate_argv(path: Path = SERVE_CONFIG) -> list[str]:
+    """The command in a Serve config's header, as argv for serve_app.build_config."""
+    line = path.read_text(encoding="utf-8").splitlines()[1]
     words = shlex.split(line.lstrip("# "))
     return words[words.index("serve_app.build_config") + 1 :]
 
@@ -114,10 +116,11 @@ def test_a_wrong_type_fails(name):
 # ----------------------------------------------------------------------------- Serve config
 
 
-def test_serve_config_passes_serve_schema():
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.name)
+def test_serve_config_passes_serve_schema(path):
     from ray.serve.schema import ServeDeploySchema
 
-    schema = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_CONFIG.read_text(encoding="utf-8")))
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
     (app,) = schema.applications
     assert app.import_path == "serve_app:graph"
     assert app.args["export"] is False
@@ -125,20 +128,39 @@ def test_serve_config_passes_serve_schema():
     embedders = [d for name, d in deployments.items() if name.startswith("embed-")]
     assert embedders and "Ingress" in deployments
     for d in embedders:
-        assert d.ray_actor_options.num_gpus > 0 and d.ray_actor_options.num_cpus > 0
+        assert d.ray_actor_options.num_cpus > 0
+        assert set(d.user_config) == {"max_batch_size", "batch_wait_timeout_s", "inline_run_tokens"}
+    if path == SERVE_LOCAL:  # what `make serve` serves, from the checkout's artifacts/, on this machine only
+        from contract.config import default_config
+
+        assert app.args["config"] is None and app.args["paths_from"] == "checkout"
+        assert app.args["artifacts"] == default_config().artifacts and not Path(app.args["artifacts"]).is_absolute()
+        assert schema.http_options.host == "127.0.0.1"
+        assert all(not d.ray_actor_options.num_gpus for d in app.deployments)
+        return
+    for d in embedders:
+        assert d.ray_actor_options.num_gpus > 0
         auto = d.autoscaling_config
         assert auto["min_replicas"] <= auto["max_replicas"] and auto["target_ongoing_requests"] > 0
         assert d.max_ongoing_requests >= auto["target_ongoing_requests"]
-        assert set(d.user_config) == {"max_batch_size", "batch_wait_timeout_s", "inline_run_tokens"}
 
 
-def test_serve_config_is_up_to_date():
-    """Fails after deploy/models.yaml (or serve_app.app.build) changed: run `make serve-config`."""
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.name)
+def test_serve_config_is_up_to_date(path):
+    """Fails after deploy/models.yaml, the default models or serve_app.app.build changed: run `make serve-config`."""
     from serve_app import build_config
 
-    args = build_config.parser().parse_args(_regenerate_argv())
-    expected = build_config.render(args.config, args.deployed_config or args.config, args.export, out=args.out)
-    assert SERVE_CONFIG.read_text(encoding="utf-8") == expected, "stale serve_config.yaml: make serve-config"
+    args = build_config.parser().parse_args(_regenerate_argv(path))
+    assert (ROOT / args.out).resolve() == path
+    assert path.read_text(encoding="utf-8") == build_config.render_args(args), f"stale {args.out}: make serve-config"
+
+
+def test_make_serve_config_writes_both_files():
+    """The Makefile target runs the command each file's header names."""
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    recipe = makefile.split("\nserve-config:", 1)[1].split("\n\n", 1)[0]
+    for path in SERVE_CONFIGS:
+        assert " ".join(_regenerate_argv(path)) in recipe, f"make serve-config does not write {path.name}"
 
 
 @pytest.mark.parametrize("name", CLUSTER_FILES)

@@ -66,3 +66,18 @@ def test_default_models_resolve_offline():
     cfg = default_config()
     assert [m.id for m in cfg.models] == ["all-MiniLM-L6-v2", "SmolLM2-135M-Instruct", "use-multilingual"]
     assert all(resolve(m.source).offline for m in cfg.models)
+
+
+def test_paths_from_checkout_resolves_against_the_checkout_not_the_cwd(tmp_path, monkeypatch):
+    """deploy/serve_local.yaml names `artifacts` relative: Serve's build task may run in any directory."""
+    from pathlib import Path
+
+    from serve_app.app import AppArgs, app_config_of
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(tmp_path)
+    local = app_config_of(AppArgs(artifacts="artifacts", paths_from="checkout"))
+    assert Path(local.project.artifacts) == root / "artifacts"
+    named = app_config_of(AppArgs(config="deploy/models.yaml", paths_from="checkout"))
+    assert named.project.artifacts == "/mnt/artifacts"  # absolute paths stay as they are
+    assert app_config_of(AppArgs(artifacts="artifacts")).project.artifacts == "artifacts"  # cwd: serve run

@@ -74,3 +74,46 @@ def test_an_entry_from_an_older_exporter_is_not_served(tmp_path):
     raw["models"]["old"] = old
     (tmp_path / "manifest.json").write_text(json.dumps(raw))
     assert set(manifest.load(tmp_path)) == {"new"}
+
+
+def test_reexports_are_versions_and_only_the_newest_two_stay(tiny_bert_dir, tmp_path):
+    """A re-export (export_jobs --force) publishes beside the served version and switches the manifest; the
+    version before stays for replicas of the app built on it; a third export removes the oldest."""
+    from contract.config import ModelConfig, ProjectConfig
+    from export_jobs.job import export_one
+
+    cfg = ModelConfig(id="tiny", source=str(tiny_bert_dir))
+    keep = ProjectConfig(models=(cfg,)).keep_versions
+    assert keep == 2
+
+    def reexport() -> tuple[ManifestEntry, list[str]]:
+        entry = export_one(cfg, tmp_path)
+        before = manifest.load(tmp_path).get("tiny")
+        if before is not None:  # published, not yet switched: the manifest still serves the previous one
+            assert (tmp_path / entry.directory).is_dir() and before.directory != entry.directory
+        return entry, manifest.commit(tmp_path, entry, keep=keep)
+
+    (first, removed), (second, removed_2) = reexport(), reexport()
+    assert removed == removed_2 == []
+    assert manifest.versions(tmp_path, "tiny") == [first.dir_path(tmp_path).name, second.dir_path(tmp_path).name]
+    assert manifest.load(tmp_path)["tiny"].directory == second.directory
+    manifest.verify(tmp_path, first)  # the previous version is intact: its replicas can still start
+    third, removed_3 = reexport()
+    assert removed_3 == [first.directory] and not first.dir_path(tmp_path).exists()
+    assert manifest.versions(tmp_path, "tiny") == [second.dir_path(tmp_path).name, third.dir_path(tmp_path).name]
+    assert manifest.load(tmp_path)["tiny"] == third
+    manifest.verify(tmp_path, second)
+    manifest.verify(tmp_path, third)
+
+
+def test_keep_one_leaves_only_the_served_version_and_ignores_other_directories(tmp_path):
+    first = _entry(tmp_path, "a")
+    manifest.commit(tmp_path, first)
+    (tmp_path / "a" / "notes").mkdir()  # not a version name: never removed
+    newer = _entry(tmp_path, "a", "graph v2")
+    assert manifest.commit(tmp_path, newer, keep=1) == [first.directory]
+    assert manifest.versions(tmp_path, "a") == [newer.dir_path(tmp_path).name]
+    assert (tmp_path / "a" / "notes").is_dir()
+    with pytest.raises(ValueError, match="at least 1"):
+        manifest.commit(tmp_path, _entry(tmp_path, "a", "graph v3"), keep=0)
+    assert manifest.load(tmp_path)["a"] == newer  # refused before the switch

@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
+from contract import manifest
 from contract.settings import ServerSettings
 from serve_app.http.routes import INLINE_TOKENIZE_CHARS, create_app
 from tests.unit.conftest import EMBED, GEN
@@ -56,9 +57,11 @@ def test_embeddings_are_the_sessions_vectors_in_float_and_base64(app, served):
     np.testing.assert_array_equal(vector, np.float32(body["data"][2]["embedding"]))
 
 
-def test_models_health_ready(app):
+def test_models_health_ready(app, tiny_bert_root, tiny_gpt2_root):
     cards = send(app, "GET", "/v1/models").json()["data"]
     assert [(c["id"], c["task"], c["dim"]) for c in cards] == [(EMBED, "embedding", 32), (GEN, "generation", None)]
+    served_dirs = [manifest.load(tiny_bert_root)[EMBED].directory, manifest.load(tiny_gpt2_root)[GEN].directory]
+    assert [f"{c['id']}/{c['version']}" for c in cards] == served_dirs  # the version directory each serves
     assert send(app, "GET", "/health").json()["status"] == "ok"
     assert send(app, "GET", "/ready").json() == {"status": "ok", "models": {EMBED: True, GEN: True}}
 
