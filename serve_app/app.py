@@ -24,7 +24,10 @@ class AppArgs(BaseModel):
     working directory (``serve run`` builds in the process you started). ``checkout``: the source checkout
     ``serve_app`` is imported from (``pip install -e .``), whatever directory Ray started the builder in;
     ``serve deploy`` runs the builder as a Ray task, and a committed config cannot hold this machine's
-    absolute path (deploy/serve_local.yaml)."""
+    absolute path (deploy/serve_local.yaml).
+
+    ``host_defaults``: decide what the models file leaves open for this host (``for_this_host``). The generated
+    Serve configs say false: they list their deployments, which must be the ones built."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -32,6 +35,7 @@ class AppArgs(BaseModel):
     artifacts: str | None = None
     export: bool = True
     paths_from: Literal["cwd", "checkout"] = "cwd"
+    host_defaults: bool = True
 
 
 class MissingArtifactError(RuntimeError):
@@ -162,7 +166,8 @@ def graph(args: AppArgs) -> Application:
     """Ray Serve application builder: ``serve run serve_app:graph``."""
     if isinstance(args, dict):  # called directly from Python
         args = AppArgs.model_validate(args)
-    app_config = for_this_host(app_config_of(args))
+    app_config = app_config_of(args)
+    app_config = for_this_host(app_config) if args.host_defaults else app_config
     entries = ensure_artifacts(app_config, args.export)
     return build(app_config, entries)
 

@@ -70,7 +70,7 @@ def render(config: str | None, deployed_config: str | None, export: bool = False
 
     app_config = load_app_config(config)
     args = AppArgs(config=deployed_config, artifacts=app_config.project.artifacts, export=export,
-                   paths_from=paths_from)
+                   paths_from=paths_from, host_defaults=False)
     deploy_config = {
         "proxy_location": "EveryNode",
         "http_options": {"host": http_host, "port": 8000},
