@@ -121,6 +121,13 @@ def cpu_by_group() -> dict[str, float]:
     return totals
 
 
+def settle(timeout_s: float = 90.0) -> None:
+    """Wait until the host is idle (the last server's processes gone), so each server starts on a quiet host."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and psutil.cpu_percent(interval=3) > 10:
+        pass
+
+
 def wait_ready(url: str, timeout_s: float = 600) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -253,6 +260,7 @@ def main() -> None:
     runs = [lambda mode=mode: ours(args, mode) for mode in args.modes] if not args.skip_ours else []
     runs += [] if args.skip_infinity else [lambda: infinity(args)]
     for run in runs:
+        settle()
         r, c = run()
         rows, cpu = rows + r, cpu + c
     if rows:
