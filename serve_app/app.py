@@ -97,6 +97,23 @@ def deployment_options(cfg: ModelConfig, name: str) -> dict[str, Any]:
     return options
 
 
+SERVE_GRACEFUL_SHUTDOWN_TIMEOUT_S = 20.0  # Ray Serve's default
+DRAIN_MARGIN_S = 10.0
+
+
+def drain_options(server) -> dict[str, Any]:
+    """How a replica that Serve stops (a rolling update: ``serve deploy`` of a changed config, ``serve run`` of a
+    rebuilt app; a scale-down) lets its requests finish. Serve first takes it out of the routers, then waits,
+    checking every ``graceful_shutdown_wait_loop_s`` (Serve's 2 s, kept: the first wait also lets every router
+    learn the replica is gone), until nothing is in flight, at most ``graceful_shutdown_timeout_s`` before it
+    kills the replica. Serve's 20 s is shorter than the ingress lets a call run (``request_timeout_s``, 60 s by
+    default): a call accepted by the old replica would be cut mid-way. So every deployment, ingress and models,
+    waits ``request_timeout_s`` plus a margin. A stream is bounded by its ``max_tokens``, not by the timeout: one
+    still running past this limit is cut (docs/cluster.md, "Rolling updates")."""
+    timeout = max(SERVE_GRACEFUL_SHUTDOWN_TIMEOUT_S, server.request_timeout_s + DRAIN_MARGIN_S)
+    return {"graceful_shutdown_timeout_s": timeout}
+
+
 def build(app_config: AppConfig, entries: dict[str, manifest.ManifestEntry]) -> Application:
     """One deployment per model (unless ``server.embed_in_ingress`` keeps embedding models in the ingress) and
     the Ingress, told which backend each model gets (serve_app.backends.specs)."""
@@ -114,6 +131,7 @@ def build(app_config: AppConfig, entries: dict[str, manifest.ManifestEntry]) -> 
 
     root = str(Path(app_config.project.artifacts).resolve())
     server = app_config.server
+    drain = drain_options(server)
     embedders, generators, classifiers, cards = {}, {}, {}, []
     gpus, cpus = 0.0, server.num_cpus
     for cfg in app_config.project.models:
@@ -125,21 +143,21 @@ def build(app_config: AppConfig, entries: dict[str, manifest.ManifestEntry]) -> 
                                                   serving.cuda_graphs, serving.gemm_auto_tune, user_config(cfg))
             gpus, cpus = gpus + serving.num_gpus, cpus + serving.num_cpus
         elif cfg.task is Task.embedding:
-            handle = Embedder.options(**deployment_options(cfg, f"embed-{cfg.id}")).bind(
+            handle = Embedder.options(**deployment_options(cfg, f"embed-{cfg.id}"), **drain).bind(
                 dumped, root, cfg.truncate, serving.configured_threads, serving.cuda_graphs, serving.gemm_auto_tune)
             embedders[cfg.id] = DeployedEmbedder(handle, dumped, root, cfg.truncate, merge=serving.max_batch_size > 1)
         elif cfg.task in SCORING_TASKS:
-            handle = Classifier.options(**deployment_options(cfg, f"{cfg.task.value}-{cfg.id}")).bind(
+            handle = Classifier.options(**deployment_options(cfg, f"{cfg.task.value}-{cfg.id}"), **drain).bind(
                 dumped, root, cfg.truncate, serving.configured_threads)
             classifiers[cfg.id] = DeployedClassifier(handle, dumped, root, cfg.truncate)
         else:
-            handle = Generator.options(**deployment_options(cfg, f"generate-{cfg.id}")).bind(
+            handle = Generator.options(**deployment_options(cfg, f"generate-{cfg.id}"), **drain).bind(
                 dumped, root, serving.configured_threads, serving.continuous_batching, serving.stream_interval_s,
                 serving.gemm_auto_tune)
             generators[cfg.id] = DeployedGenerator(handle, dumped, root)
     actor = {"num_cpus": cpus, **({"num_gpus": gpus} if gpus else {})}
     ingress = Ingress.options(num_replicas=server.ingress_replicas, max_ongoing_requests=server.max_ongoing_requests,
-                              max_queued_requests=server.max_queued_requests, ray_actor_options=actor)
+                              max_queued_requests=server.max_queued_requests, ray_actor_options=actor, **drain)
     return ingress.bind(cards, server.model_dump(mode="json"), embedders, generators, classifiers)
 
 
