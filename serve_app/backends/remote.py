@@ -30,6 +30,8 @@ def translate(exc: BaseException) -> BaseException:
         return cause
     if isinstance(exc, BackPressureError):
         return Overloaded("the model is at capacity; retry shortly")
+    if replica_died(exc):  # a lost node or a killed replica: capacity is gone until Serve replaces it
+        return Overloaded("the model's replica was lost; retry shortly")
     return exc
 
 
