@@ -9,8 +9,9 @@ Placement: a two-node ``ray.cluster_utils.Cluster`` (private_cluster) whose head
 one replica 1, one spare for the replacement) and whose worker has 1 CPU: room for one 1-CPU embedder replica and
 too little for the ingress, so the ingress (and, with ``proxy_location="HeadOnly"``, the proxy and the controller)
 stay on the head. Serve places replicas with Ray's SPREAD strategy, so the two replicas land one per node; the
-test checks that before it removes the worker. Run it in its own pytest process (private_cluster skips when
-this process already has a Ray connection): ``pytest tests/integration/test_node_loss.py -s -q``.
+test checks that before it removes the worker. private_cluster skips when this process already has a Ray
+connection: files run in name order, so in ``make test`` this one runs with test_cluster*.py, before any test
+connects the shared Ray; alone: ``pytest tests/integration/test_cluster_node_loss.py -s -q``.
 """
 from __future__ import annotations
 
