@@ -128,7 +128,6 @@ async def main_async(args) -> None:
     print("\n" + table([(name, f"{before.get(name, 0):.0f}", f"{after[name]:.0f}",
                           f"{100 * (after[name] / before[name] - 1):+.1f} %" if before.get(name) else "-")
                          for name in sorted(after)], ("replica", "RSS MiB after warm-up", "RSS MiB at end", "growth")))
-    print(f"\ngenerators at the end: {active_streams()}")
 
 
 def main() -> None:
@@ -142,6 +141,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=1_000)
     asyncio.run(main_async(parser.parse_args()))
+    print(f"\ngenerators at the end: {active_streams()}")  # a blocking Ray call: outside the event loop
 
 
 if __name__ == "__main__":

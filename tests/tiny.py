@@ -261,10 +261,18 @@ def scrape_until(url: str, done, timeout_s: float = 90.0) -> str:
     return text
 
 
-def settled_value(url: str, value, quiet_s: float = 6.0, timeout_s: float = 90.0) -> float:
-    """``value(text)`` once two scrapes ``quiet_s`` apart agree: earlier traffic has reached the agent."""
+def settled_value(url: str, value, quiet_s: float | None = None, timeout_s: float = 120.0) -> float:
+    """``value(text)`` once two scrapes ``quiet_s`` apart agree: earlier traffic has reached the agent.
+
+    Each process exports its series every ``metrics_report_interval_ms`` (10 s by default): two scrapes closer than
+    that can agree on a value still missing the last interval's traffic (CI saw a counter settle at 24, then read
+    105), so the default gap is one and a half intervals."""
     import time
 
+    import ray
+
+    if quiet_s is None:
+        quiet_s = 1.5 * ray._config.metrics_report_interval_ms() / 1000 if ray.is_initialized() else 15.0
     deadline, last = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
         now = value(scrape_until(url, lambda text: True))

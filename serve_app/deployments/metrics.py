@@ -1,6 +1,9 @@
 """The metrics interface of ``serve_app.http.metrics`` over Ray: ``ray.util.metrics`` series, exported by each
-node's metrics agent beside Ray Serve's own (``ray_serve_*``). GET /metrics on the HTTP port answers with that
-agent's text for the ingress's node; our series carry a ``ray_`` prefix there (``ray_onnx_serve_requests``...).
+node's metrics agent beside Ray Serve's own (``ray_serve_*``). GET /metrics on the HTTP port answers with the
+serving families of that agent's text for the ingress's node: Ray Serve's and ours, which carry a ``ray_`` prefix
+there (``ray_onnx_serve_requests``...). The node's own series (processes by command line, memory, CPU) stay on
+the agent's port (``ray start --metrics-export-port``), for a Prometheus inside the cluster: the HTTP port is
+public, and they name the host's paths.
 """
 from __future__ import annotations
 
@@ -62,10 +65,24 @@ class RayMetrics(Recorder):
             self.url = self.url or await asyncio.to_thread(agent_url)
             if self.url is None:
                 return "# no metrics agent on this node\n"
-            return await asyncio.to_thread(_get, self.url)
+            return serving_families(await asyncio.to_thread(_get, self.url))
         except Exception as exc:  # noqa: BLE001 - /metrics never fails the ingress
             logger.warning("metrics agent unreachable: %s", exc)
             return f"# metrics agent unreachable: {type(exc).__name__}\n"
+
+
+SERVING_PREFIXES = ("ray_serve_", "ray_onnx_serve_")
+
+
+def serving_families(text: str) -> str:
+    """The lines of Prometheus text (samples, HELP and TYPE) whose metric name starts with SERVING_PREFIXES."""
+    def name(line: str) -> str:
+        if line.startswith("#"):
+            parts = line.split(None, 3)
+            return parts[2] if len(parts) > 2 and parts[1] in ("HELP", "TYPE") else ""
+        return line.split("{", 1)[0].split(" ", 1)[0]
+
+    return "".join(line + "\n" for line in text.splitlines() if name(line).startswith(SERVING_PREFIXES))
 
 
 def _get(url: str) -> str:

@@ -75,3 +75,32 @@ def test_the_grafana_dashboard_charts_series_we_record():
     named = {re.sub(r"_(total|bucket|sum|count)$", "", name) for q in queries
              for name in re.findall(r"ray_(onnx_serve_\w+)", q)}
     assert named == set(SERIES)
+
+
+AGENT_TEXT = """\
+# HELP python_gc_collections_total Number of times this generation was collected
+# TYPE python_gc_collections_total counter
+python_gc_collections_total{generation="0"} 599.0
+# HELP ray_component_rss_mb RSS usage of all components on the node.
+# TYPE ray_component_rss_mb gauge
+ray_component_rss_mb{Component="/srv/app/.venv/bin/python",ip="10.0.0.2",pid=""} 1044.4
+# HELP ray_serve_num_http_requests_total The number of HTTP requests processed.
+# TYPE ray_serve_num_http_requests_total counter
+ray_serve_num_http_requests_total{application="default",method="POST",route="/"} 7.0
+# HELP ray_onnx_serve_requests_total HTTP requests by route, model and status
+# TYPE ray_onnx_serve_requests_total counter
+ray_onnx_serve_requests_total{model="m",route="/v1/embeddings",status="200"} 3.0
+process_open_fds 54.0
+"""
+
+
+def test_the_ray_ingress_answers_serving_families_only():
+    """The public port gets Ray Serve's series and ours, with their HELP and TYPE lines; the node's own series,
+    which name the host's processes and paths, stay on the agent's port."""
+    from serve_app.deployments.metrics import serving_families
+
+    text = serving_families(AGENT_TEXT)
+    assert metric_samples(text) == {
+        'ray_serve_num_http_requests_total{application="default",method="POST",route="/"}': 7.0,
+        'ray_onnx_serve_requests_total{model="m",route="/v1/embeddings",status="200"}': 3.0}
+    assert text.count("# HELP ") == 2 and text.count("# TYPE ") == 2 and "/srv/" not in text
