@@ -13,7 +13,7 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.onnx-serve-$(EXTRA)
 RUN = HF_HUB_OFFLINE=1 $(PYTHON)
 
-.PHONY: install serve test test-fast test-gpu export bench clean serve-config
+.PHONY: install serve test test-fast test-gpu export bench clean serve-config cluster-smoke
 
 install: $(STAMP)
 
@@ -51,6 +51,9 @@ test-gpu: install  # on a GPU host
 
 bench: install
 	$(RUN) bench/bench_embeddings.py
+
+cluster-smoke: install  # a real `ray up` of two nodes on this machine (root or sudo; docs/cluster.md)
+	bash deploy/cluster_smoke.sh $(VENV)
 
 clean:
 	rm -rf $(ARTIFACTS)
