@@ -69,8 +69,6 @@ if [ ! -x /usr/sbin/sshd ] || ! command -v rsync >/dev/null; then
   $SUDO apt-get install -y -q openssh-server rsync >/dev/null
 fi
 $SUDO useradd --home-dir "$WORK/home" --create-home --shell /bin/bash --password "*" "$SMOKE_USER"  # "*": no password, not locked (sshd refuses a locked account)
-mkdir -p "$WORK/sshd"
-ssh-keygen -q -t ed25519 -N "" -f "$WORK/sshd/host_key"
 ssh-keygen -q -t ed25519 -N "" -C onnx-smoke -f "$WORK/key"
 $SUDO install -d -o "$SMOKE_USER" -m 700 "$WORK/home/.ssh"
 $SUDO install -o "$SMOKE_USER" -m 600 "$WORK/key.pub" "$WORK/home/.ssh/authorized_keys"
@@ -93,7 +91,12 @@ $SUDO install -o "$SMOKE_USER" -m 644 /dev/stdin "$WORK/home/.bashrc" <<EOF
 export PATH="$NODE_BIN:\$PATH" TMPDIR="$WORK/home/tmp" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 EOF
 $SUDO install -d -o "$SMOKE_USER" "$WORK/home/tmp" "$WORK/artifacts"
-cat > "$WORK/sshd/config" <<EOF
+if (exec 3<>"/dev/tcp/$HEAD/22") 2>/dev/null; then
+  echo "an sshd already answers on $HEAD:22: using it (the throwaway user's key is in its ~/.ssh)"
+else
+  mkdir -p "$WORK/sshd"
+  ssh-keygen -q -t ed25519 -N "" -f "$WORK/sshd/host_key"
+  cat > "$WORK/sshd/config" <<EOF
 ListenAddress $HEAD
 ListenAddress $WORKER
 Port 22
@@ -106,9 +109,6 @@ UsePAM no
 MaxStartups 100
 MaxSessions 100
 EOF
-if (exec 3<>"/dev/tcp/$HEAD/22") 2>/dev/null; then
-  echo "an sshd already answers on $HEAD:22: using it (the throwaway user's key is in its ~/.ssh)"
-else
   $SUDO mkdir -p /run/sshd
   $SUDO /usr/sbin/sshd -f "$WORK/sshd/config"
   sleep 1
