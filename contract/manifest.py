@@ -67,6 +67,7 @@ class EncoderMeta(_Meta):
     pad_token_id: int = 0
     model_type: str
     speed: dict[str, Any] | None = None  # the speed option's build and gate figures
+    cpu_file: str | None = None  # optimize: auto: the int8 graph CPU replicas serve instead of model_file
 
 
 class ClassifierMeta(_Meta):

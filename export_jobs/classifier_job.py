@@ -154,7 +154,7 @@ def _speed_variant(cfg: ModelConfig, model, fp32_path: Path, tokenizer, preparer
 
     option = cfg.optimize
     fast = fp32_path.with_name(f"model.{option.value}.onnx")
-    built = optimize.apply_speed_option(fp32_path, fast, option, model.config)
+    built = optimize.apply_speed_option(fp32_path, fast, option, model.config, int8_everything=False)
     gate = optimize.GATES[option]
     limit = tolerance if gate.max_abs_diff is None else gate.max_abs_diff
     on_gpu = option is SpeedOption.fp16 and "CUDAExecutionProvider" in ort.get_available_providers()

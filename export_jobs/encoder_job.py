@@ -1,6 +1,7 @@
 """Export one encoder model and prove it: torch -> ONNX -> parity against torch on fresh inputs."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ from .sources import ResolvedSource
 from .specs import EncoderSpec, spec_for
 from .torch_export import PlainEncoder, SentenceEncoder, example_inputs, export_module
 
+logger = logging.getLogger(__name__)
+
 PARITY_TEXTS = (
     "Hello!",
     "The quick brown fox jumps over the lazy dog.",
@@ -24,12 +27,17 @@ PARITY_TEXTS = (
 )
 
 
+def encode_texts(tokenizer, spec: EncoderSpec, max_length: int, texts) -> dict[str, np.ndarray]:
+    """The graph's int64 feeds for ``texts``, padded to the longest."""
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="np")
+    return {name: enc[name].astype(np.int64) if name in enc else np.zeros_like(enc["input_ids"])
+            for name in spec.inputs}
+
+
 def _parity_batches(tokenizer, spec: EncoderSpec, max_length: int, vocab: int, seed: int):
     """Each text alone, all texts as one padded batch, and random ids up to the length limit."""
     def encode(texts):
-        enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="np")
-        return {name: enc[name].astype(np.int64) if name in enc else np.zeros_like(enc["input_ids"])
-                for name in spec.inputs}
+        return encode_texts(tokenizer, spec, max_length, texts)
 
     yield from (("text", encode([t])) for t in PARITY_TEXTS)
     yield "padded batch", encode(PARITY_TEXTS)
@@ -74,6 +82,33 @@ def check_encoder(module, onnx_path: Path, tokenizer, spec: EncoderSpec, max_len
             "providers": session.get_providers()}
 
 
+def check_ranking(module, onnx_path: Path, tokenizer, spec: EncoderSpec, max_length: int,
+                  providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> dict[str, Any]:
+    """export_jobs.ranking's retrieval check of ``onnx_path`` against the torch ``module`` (first output,
+    mean-pooled over the mask where it is per token)."""
+    import onnxruntime as ort
+
+    from . import ranking
+
+    session = ort.InferenceSession(str(onnx_path), providers=list(providers))
+
+    def embedder(run):
+        def embed(texts: list[str], batch: int) -> np.ndarray:
+            out = []
+            for start in range(0, len(texts), batch):
+                feeds = encode_texts(tokenizer, spec, max_length, texts[start:start + batch])
+                vectors = np.asarray(run(feeds), np.float32)
+                if vectors.ndim == 3:
+                    mask = feeds["attention_mask"][..., None].astype(np.float32)
+                    vectors = (vectors * mask).sum(1) / np.maximum(mask.sum(1), 1.0)
+                out.append(vectors)
+            return np.concatenate(out)
+        return embed
+
+    return ranking.check_ranking(embedder(lambda feeds: _reference(module, feeds, spec.inputs)[0]),
+                                 embedder(lambda feeds: session.run(None, feeds)[0]))
+
+
 def export_encoder(cfg: ModelConfig, resolved: ResolvedSource, staging: Path) -> dict[str, Any]:
     model, tokenizer, settings, _ = load_encoder(resolved)
     spec = spec_for(cfg.task, model.config.model_type)
@@ -92,26 +127,43 @@ def export_encoder(cfg: ModelConfig, resolved: ResolvedSource, staging: Path) ->
     tokenizer.save_pretrained(staging / "tokenizer")
     tolerance = cfg.tolerance or spec.tolerance
     figures = check_encoder(module, onnx_path, tokenizer, spec, limit, model.config.vocab_size, tolerance)
-    model_file, speed = onnx_path.name, None
-    if cfg.optimize is not SpeedOption.none:  # a faster variant, proven on its own before it is served
+    model_file, speed, cpu_file = onnx_path.name, None, None
+    if cfg.optimize is SpeedOption.auto:  # fp32 stays the entry's graph (GPUs); CPUs serve int8 if it passes
+        cpu_file, speed = _cpu_variant(module, onnx_path, tokenizer, spec, limit, model.config, tolerance, figures)
+    elif cfg.optimize is not SpeedOption.none:  # a faster variant, proven on its own before it is served
         model_file, figures, speed = _speed_variant(cfg.optimize, module, onnx_path, tokenizer, spec, limit,
                                                     model.config, tolerance, figures)
     return {
         "family": spec.family,
         "model_file": model_file,
-        "precision": {SpeedOption.fp16: "fp16", SpeedOption.int8: "int8"}.get(cfg.optimize, "fp32"),
+        "precision": {SpeedOption.fp16: "fp16", SpeedOption.int8: "int8",
+                      SpeedOption.auto: "fp32; int8 on CPUs"}.get(cfg.optimize, "fp32"),
         "dim": int(model.config.hidden_size),
         "max_length": int(limit),
         "parity": {"max_abs_diff": figures["max_abs_diff"], "tolerance": figures.get("tolerance", tolerance),
                    "cases": figures["cases"], "details": {"min_cosine": figures["min_cosine"]}},
         "metadata": {
-            "kind": "encoder", "speed": speed,
+            "kind": "encoder", "speed": speed, "cpu_file": cpu_file,
             "mode": cfg.mode.value, "pooling": settings.pooling, "normalize": normalize,
             "inputs": list(spec.inputs), "outputs": list(output_names),
             "tokenizer": "tokenizer/tokenizer.json", "pad_token_id": int(tokenizer.pad_token_id or 0),
             "model_type": model.config.model_type,
         },
     }
+
+
+def _cpu_variant(module, fp32_path: Path, tokenizer, spec: EncoderSpec, limit: int, hf_config,
+                 tolerance: float, fp32_figures: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """optimize: auto. The int8 file for CPU replicas, or none (and why, in the figures) where it fails its
+    gate: then CPUs serve the fp32 graph, which passed its own."""
+    try:
+        name, _, speed = _speed_variant(SpeedOption.int8, module, fp32_path, tokenizer, spec, limit, hf_config,
+                                        tolerance, fp32_figures)
+        return name, speed
+    except validate.ExportError as exc:
+        fp32_path.with_name(f"model.{SpeedOption.int8.value}.onnx").unlink(missing_ok=True)
+        logger.warning("int8 failed its gate, CPUs will serve fp32: %s", exc)
+        return None, {"option": SpeedOption.int8.value, "refused": str(exc)}
 
 
 def _speed_variant(option: SpeedOption, module, fp32_path: Path, tokenizer, spec: EncoderSpec, limit: int,

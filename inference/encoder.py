@@ -124,7 +124,8 @@ class EncoderSession:
         self.mode, self.normalize, self.pad_id = meta.mode, meta.normalize, meta.pad_token_id
         eps = providers(use_gpu)
         options = session_options(threads, eps, gemm_auto_tune=gemm_auto_tune, spin=False)
-        self.session, self.graphs = self._load(entry.model_path(root), options, eps, cuda_graphs)
+        self.model_file = meta.cpu_file if meta.cpu_file and eps[0] == "CPUExecutionProvider" else entry.model_file
+        self.session, self.graphs = self._load(entry.dir_path(root) / self.model_file, options, eps, cuda_graphs)
         if self.graphs is not None:
             self.graphs.inline_tokens = inline_run_tokens
         self.input_names = [i.name for i in self.session.get_inputs()]

@@ -81,3 +81,12 @@ def test_paths_from_checkout_resolves_against_the_checkout_not_the_cwd(tmp_path,
     named = app_config_of(AppArgs(config="deploy/models.yaml", paths_from="checkout"))
     assert named.project.artifacts == "/mnt/artifacts"  # absolute paths stay as they are
     assert app_config_of(AppArgs(artifacts="artifacts")).project.artifacts == "artifacts"  # cwd: serve run
+
+
+def test_optimize_auto_is_for_embedding_models():
+    from contract.config import ModelConfig
+
+    assert ModelConfig(id="e", source="x", optimize="auto").optimize.value == "auto"
+    for task in ("generation", "rerank", "classify"):
+        with pytest.raises(ValueError, match="auto"):
+            ModelConfig(id="m", source="x", task=task, optimize="auto")
