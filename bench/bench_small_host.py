@@ -7,7 +7,8 @@ other, with the same load generator, then the kernel table.
   ``serve run serve_app:graph config=deploy/minilm.yaml`` with the environment ``make serve`` gives it, in Serve's
   default mode and in throughput mode (``make serve THROUGHPUT=1``), with what it picks for the host.
 - Kernel: all-MiniLM-L6-v2 end to end (tokenize, forward, pool) at batch 1 and 32: sentence-transformers
-  (torch), and the ONNX artifact as fp32, fused and int8, 2 threads each, with each variant's gate figure.
+  (torch), and the ONNX artifact as fp32, fused and int8, 2 threads each, with each variant's gate figures
+  (int8's retrieval ranking: export_jobs.ranking).
 
     python bench/bench_small_host.py --infinity ~/infinity/bin/infinity_emb   # ours (both modes), Infinity, kernels
     python bench/bench_small_host.py --skip-infinity --skip-kernels --modes throughput --concurrency 32 64
@@ -178,14 +179,17 @@ def kernels(args) -> list[tuple]:
     st = SentenceTransformer(resolve(SOURCE).location, device="cpu")
     root = args.out / "kernel-artifacts"
     runs, gates = {"torch (sentence-transformers)": lambda texts: st.encode(texts, batch_size=len(texts))}, {}
-    for option, name in (("none", "onnx fp32"), ("fused", "onnx fused"), ("int8", "onnx int8")):
+    for option, name in (("none", "onnx fp32"), ("fused", "onnx fused"), ("int8", "onnx int8 (auto on CPUs)")):
         cfg = ModelConfig(id=f"minilm-{option}", source=SOURCE, optimize=option)
         if not is_current(cfg, root):
             manifest.commit(root, export_one(cfg, root))
         entry = manifest.load(root)[cfg.id]
         session = EncoderSession(entry, str(root), threads=2)
         runs[name] = lambda texts, s=session: s.run(s.prepare(texts))
-        gates[name] = f"{entry.parity.max_abs_diff:.1e}"
+        ranked = ((entry.metadata.speed or {}).get("gate") or {}).get("ranking")
+        gates[name] = f"{entry.parity.max_abs_diff:.1e}" + (
+            f"; top 10 overlap {ranked['overlap']:.3f}, top-1 {ranked['top1']:.2f}, nDCG@10 {ranked['ndcg']:.4f}"
+            if ranked else "")
     rows = []
     for batch in (1, 32):
         texts, base = SENTENCES[:batch], None
@@ -222,7 +226,8 @@ def main() -> None:
         print("\n" + table(rows, ("server", "concurrency", "req/s", "p50 ms", "p99 ms", "non-200", "requests")))
         print("\n" + table(cpu, ("server", "concurrency", "process group", "CPU ms / request", "cores busy")))
     if not args.skip_kernels:
-        print("\n" + table(kernels(args), ("kernel", "batch", "p50 ms", "texts/s", "vs torch", "gate max abs diff")))
+        print("\n" + table(kernels(args), ("kernel", "batch", "p50 ms", "texts/s", "vs torch",
+                                            "gate: max abs diff; retrieval ranking against torch fp32")))
     (args.out / "results.json").write_text(json.dumps({"http": rows, "cpu": cpu}, indent=1))
 
 

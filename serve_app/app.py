@@ -184,6 +184,7 @@ def graph(args: AppArgs) -> Application:
     """Ray Serve application builder: ``serve run serve_app:graph``."""
     if isinstance(args, dict):  # called directly from Python
         args = AppArgs.model_validate(args)
+    loopback_in_throughput_mode()
     app_config = app_config_of(args)
     app_config = for_this_host(app_config) if args.host_defaults else app_config
     entries = ensure_artifacts(app_config, args.export)
@@ -191,6 +192,25 @@ def graph(args: AppArgs) -> Application:
 
 
 SMALL_HOST_CPUS = 4
+LOOPBACK = "127.0.0.1"
+
+
+def loopback_in_throughput_mode() -> None:
+    """In throughput mode (RAY_SERVE_ENABLE_HA_PROXY=1) Ray makes every interface Serve's default HTTP host, so
+    that HAProxy on other nodes reaches the replicas: under ``serve run serve_app:graph``, which names no host,
+    HAProxy's port 8000, each replica's direct-ingress port and the fallback proxy would answer on the network.
+    Where ``serve run`` is about to start Serve (no Ray in this process yet), start it here on 127.0.0.1, as
+    Serve's default mode binds; ``serve run`` then uses it. A cluster's Serve config names its own host."""
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        return
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():  # a Ray task (serve deploy builds there) or a script that set Serve up itself
+        return
+    ray.init(namespace="serve")
+    serve.start(http_options={"host": LOOPBACK})
+    logger.info("throughput mode: Serve started on %s", LOOPBACK)
 
 
 def for_this_host(app_config: AppConfig) -> AppConfig:
