@@ -4,8 +4,9 @@ other, with the same load generator, then the kernel table.
 - HTTP: one short text per request at each concurrency (default 1 16 32 64 128); req/s, p50, p99, non-200s, and
   the CPU milliseconds per request that each process group spent (load generator, Serve's proxy or HAProxy, the
   ingress, the embedder, Ray's own processes; Infinity's one process). Ours is started as a user would:
-  ``serve run serve_app:graph config=deploy/minilm.yaml`` with the environment ``make serve`` gives it, in Serve's
-  default mode and in throughput mode (``make serve THROUGHPUT=1``), with what it picks for the host.
+  ``serve run serve_app:graph config=deploy/minilm.yaml`` with the environment ``make serve`` gives it, in Ray
+  Serve's throughput mode (what ``make serve`` picks on a host of at most 4 CPUs) and with Serve's own proxy
+  (``make serve THROUGHPUT=0``), with what the app builder picks for the host.
 - Kernel: all-MiniLM-L6-v2 end to end (tokenize, forward, pool) at batch 1 and 32: sentence-transformers
   (torch), and the ONNX artifact as fp32, fused and int8, 2 threads each, with each variant's gate figures
   (int8's retrieval ranking: export_jobs.ranking).
@@ -124,11 +125,12 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+LABELS = {"throughput": "onnx-serve, throughput mode", "proxy": "onnx-serve, Serve's proxy"}
 
 
 def ours(args, mode: str) -> tuple[list, list]:
     """``serve run serve_app:graph config=deploy/minilm.yaml``, as ``make serve CONFIG=deploy/minilm.yaml`` runs
-    it (``mode`` throughput: as ``make serve THROUGHPUT=1``)."""
+    it: ``mode`` throughput as ``THROUGHPUT=1`` (a small host's default), proxy as ``THROUGHPUT=0``."""
     serve, started = Path(sys.executable).with_name("serve"), time.time()
     cmd = [str(serve), "run", "serve_app:graph", f"config={args.config}"]
     env = dict(os.environ, **(THROUGHPUT_ENV if mode == "throughput" else {}))
@@ -136,7 +138,7 @@ def ours(args, mode: str) -> tuple[list, list]:
                             stderr=open(args.out / f"serve-{mode}.log", "w"))
     try:
         wait_ready(f"http://127.0.0.1:{OUR_PORT}/ready")
-        return measure(f"onnx-serve {mode}", f"http://127.0.0.1:{OUR_PORT}/v1/embeddings", MODEL,
+        return measure(LABELS[mode], f"http://127.0.0.1:{OUR_PORT}/v1/embeddings", MODEL,
                        args.concurrency, args.seconds)
     finally:
         stop(proc)
@@ -207,7 +209,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0, help="about how long each concurrency runs")
     parser.add_argument("--config", default="deploy/minilm.yaml")
     parser.add_argument("--infinity", default=shutil.which("infinity_emb") or "infinity_emb")
-    parser.add_argument("--modes", nargs="+", default=["default", "throughput"], choices=["default", "throughput"])
+    parser.add_argument("--modes", nargs="+", default=["throughput", "proxy"], choices=list(LABELS))
     parser.add_argument("--skip-ours", action="store_true")
     parser.add_argument("--skip-infinity", action="store_true")
     parser.add_argument("--skip-kernels", action="store_true")

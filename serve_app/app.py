@@ -195,7 +195,7 @@ SMALL_HOST_CPUS = 4
 LOOPBACK = "127.0.0.1"
 
 
-def loopback_in_throughput_mode() -> None:
+def loopback_in_throughput_mode(port: int = 8000) -> None:
     """In throughput mode (RAY_SERVE_ENABLE_HA_PROXY=1) Ray makes every interface Serve's default HTTP host, so
     that HAProxy on other nodes reaches the replicas: under ``serve run serve_app:graph``, which names no host,
     HAProxy's port 8000, each replica's direct-ingress port and the fallback proxy would answer on the network.
@@ -209,8 +209,8 @@ def loopback_in_throughput_mode() -> None:
     if ray.is_initialized():  # a Ray task (serve deploy builds there) or a script that set Serve up itself
         return
     ray.init(namespace="serve")
-    serve.start(http_options={"host": LOOPBACK})
-    logger.info("throughput mode: Serve started on %s", LOOPBACK)
+    serve.start(http_options={"host": LOOPBACK, "port": port})  # 8000: serve run's port
+    logger.info("throughput mode: Serve started on %s:%d", LOOPBACK, port)
 
 
 def for_this_host(app_config: AppConfig) -> AppConfig:
