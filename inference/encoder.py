@@ -126,6 +126,7 @@ class EncoderSession:
         options = session_options(threads, eps, gemm_auto_tune=gemm_auto_tune, spin=False)
         self.model_file = meta.cpu_file if meta.cpu_file and eps[0] == "CPUExecutionProvider" else entry.model_file
         self.session, self.graphs = self._load(entry.dir_path(root) / self.model_file, options, eps, cuda_graphs)
+        logger.info("%s: %s on %s", self.model_id, self.model_file, eps[0])
         if self.graphs is not None:
             self.graphs.inline_tokens = inline_run_tokens
         self.input_names = [i.name for i in self.session.get_inputs()]
