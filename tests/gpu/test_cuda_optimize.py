@@ -22,8 +22,8 @@ def test_fp16_minilm_passes_its_gate_on_cuda(minilm_speed, tmp_path):
 
 
 def test_auto_serves_fp32_on_a_gpu_and_int8_on_cpus(tmp_path):
-    """optimize: auto: a GPU replica loads the fp32 graph on CUDA (ONNX Runtime's CUDA EP has no dynamic int8
-    kernels), a CPU replica of the same artifact the int8 file."""
+    """optimize: auto: a GPU replica loads the fp32 graph on CUDA (the dynamic-int8 graph is made for ONNX
+    Runtime's CPU kernels), a CPU replica of the same artifact the int8 file."""
     import numpy as np
 
     from contract.config import ModelConfig
