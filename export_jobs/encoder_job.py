@@ -88,6 +88,8 @@ def check_ranking(module, onnx_path: Path, tokenizer, spec: EncoderSpec, max_len
     mean-pooled over the mask where it is per token)."""
     import onnxruntime as ort
 
+    from inference.encoder import mean_pool
+
     from . import ranking
 
     session = ort.InferenceSession(str(onnx_path), providers=list(providers))
@@ -98,10 +100,7 @@ def check_ranking(module, onnx_path: Path, tokenizer, spec: EncoderSpec, max_len
             for start in range(0, len(texts), batch):
                 feeds = encode_texts(tokenizer, spec, max_length, texts[start:start + batch])
                 vectors = np.asarray(run(feeds), np.float32)
-                if vectors.ndim == 3:
-                    mask = feeds["attention_mask"][..., None].astype(np.float32)
-                    vectors = (vectors * mask).sum(1) / np.maximum(mask.sum(1), 1.0)
-                out.append(vectors)
+                out.append(mean_pool(vectors, feeds["attention_mask"]) if vectors.ndim == 3 else vectors)
             return np.concatenate(out)
         return embed
 
@@ -152,6 +151,10 @@ def export_encoder(cfg: ModelConfig, resolved: ResolvedSource, staging: Path) ->
     }
 
 
+def _variant_path(fp32_path: Path, option: SpeedOption) -> Path:
+    return fp32_path.with_name(f"model.{option.value}.onnx")
+
+
 def _cpu_variant(module, fp32_path: Path, tokenizer, spec: EncoderSpec, limit: int, hf_config,
                  tolerance: float, fp32_figures: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
     """optimize: auto. The int8 file for CPU replicas, or none (and why, in the figures) where it fails its
@@ -161,7 +164,7 @@ def _cpu_variant(module, fp32_path: Path, tokenizer, spec: EncoderSpec, limit: i
                                         tolerance, fp32_figures)
         return name, speed
     except validate.ExportError as exc:
-        fp32_path.with_name(f"model.{SpeedOption.int8.value}.onnx").unlink(missing_ok=True)
+        _variant_path(fp32_path, SpeedOption.int8).unlink(missing_ok=True)
         logger.warning("int8 failed its gate, CPUs will serve fp32: %s", exc)
         return None, {"option": SpeedOption.int8.value, "refused": str(exc)}
 
@@ -173,7 +176,7 @@ def _speed_variant(option: SpeedOption, module, fp32_path: Path, tokenizer, spec
 
     from . import optimize
 
-    fast = fp32_path.with_name(f"model.{option.value}.onnx")
+    fast = _variant_path(fp32_path, option)
     built = optimize.apply_speed_option(fp32_path, fast, option, hf_config)
     on_gpu = option is SpeedOption.fp16 and "CUDAExecutionProvider" in ort.get_available_providers()
     providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if on_gpu else ("CPUExecutionProvider",)
