@@ -31,8 +31,9 @@ $(STAMP): pyproject.toml requirements-models.txt | $(PYTHON)
 	@touch $@
 
 # THROUGHPUT=1: Ray Serve's throughput mode (HAProxy ingress, direct gRPC between replicas); 0: Serve's own
-# proxy. Unset: throughput mode on a small CPU host (at most 4 CPUs, no nvidia-smi), where Serve's proxy cost
-# more CPU per request than the model (BENCHMARKS.md, "Small CPU hosts"). Both bind 127.0.0.1 under serve run.
+# proxy. Unset: throughput mode on a small CPU host (at most 4 CPUs, as serve_app.app.SMALL_HOST_CPUS, and no
+# nvidia-smi), where Serve's proxy cost more CPU per request than the model (BENCHMARKS.md, "Small CPU hosts").
+# Both bind 127.0.0.1 under serve run.
 SMALL_HOST := $(shell [ "$$(nproc)" -le 4 ] && ! command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 THROUGHPUT ?= $(SMALL_HOST)
 SERVE_ENV = $(if $(filter 1,$(THROUGHPUT)),RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1,)

@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from inference.encoder import l2_normalize
+
 from . import validate
 
 SET_PATH = Path(__file__).with_name("data") / "retrieval_set.txt"
@@ -51,23 +53,21 @@ def retrieval_set() -> tuple[list[str], list[str]]:
     return lines[:QUERIES], lines[QUERIES:QUERIES + CORPUS]
 
 
-def unit(vectors: np.ndarray) -> np.ndarray:
-    vectors = np.asarray(vectors, np.float64)
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-
-
 def ranking_figures(ref_queries: np.ndarray, ref_corpus: np.ndarray, queries: np.ndarray,
                     corpus: np.ndarray, k: int = K) -> dict[str, Any]:
     """Compare the top-k neighbours (cosine) of each query under the reference and the variant."""
-    ref_scores = unit(ref_queries) @ unit(ref_corpus).T
-    scores = unit(queries) @ unit(corpus).T
-    ref_top = np.argsort(-ref_scores, axis=1, kind="stable")[:, :k]
+    def cosines(q: np.ndarray, c: np.ndarray) -> np.ndarray:
+        return l2_normalize(np.asarray(q, np.float64)) @ l2_normalize(np.asarray(c, np.float64)).T
+
+    ref_scores, scores = cosines(ref_queries, ref_corpus), cosines(queries, corpus)
+    ref_order = np.argsort(-ref_scores, axis=1, kind="stable")
+    ref_top = ref_order[:, :k]
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(ref_top, top)])
     discount = 1.0 / np.log2(np.arange(2, k + 2))
     ideal = (np.take_along_axis(ref_scores, ref_top, 1) * discount).sum(1)
     got = (np.take_along_axis(ref_scores, top, 1) * discount).sum(1)
-    ref_rank = np.argsort(np.argsort(-ref_scores, axis=1, kind="stable"), axis=1)
+    ref_rank = np.argsort(ref_order, axis=1)  # each corpus sentence's place in the source's order
     return {"queries": int(len(ref_queries)), "corpus": int(len(ref_corpus)), "k": k,
             "overlap": round(float(overlap), 4), "top1": round(float(np.mean(top[:, 0] == ref_top[:, 0])), 4),
             "ndcg": round(float(np.mean(got / ideal)), 5),
